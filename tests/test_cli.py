@@ -140,6 +140,17 @@ def test_resume_refused_without_successful_records(project, tmp_path, capsys):
     assert main(['run', '--preset', 'toy', '--name', 'half', '--from', '02', '--force', '--dry-run', *nbs]) == 0
 
 
+def test_only_runs_the_named_notebooks(project, tmp_path, capsys):
+    nbs = ['--nbs', str(project / 'nbs'), '--runs-dir', str(tmp_path)]
+    assert main(['run', '--preset', 'toy', '--name', 'one', '--only', '02', '--dry-run', *nbs]) == 0
+    out = capsys.readouterr().out
+    assert '02_check.ipynb:' in out and '01_record.ipynb:' not in out and 'not running: 01_record.ipynb' in out
+    assert main(['run', '--preset', 'toy', '--name', 'one', '--only', '02', '--from', '01', *nbs]) == 2
+    assert 'exclude each other' in capsys.readouterr().err
+    assert main(['run', '--preset', 'toy', '--name', 'one', '--only', '09', *nbs]) == 2
+    assert "'09': no such pipeline notebook" in capsys.readouterr().err
+
+
 def test_help_texts(capsys):
     with pytest.raises(SystemExit) as e: main(['--help'])
     assert e.value.code == 0 and 'run' in capsys.readouterr().out
