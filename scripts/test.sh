@@ -3,7 +3,9 @@
 set -euo pipefail
 venv=${1:-.venv}
 cd "$(dirname "$0")/.."
-export PATH="$PWD/$venv/bin:$PATH" JUPYTER_PREFER_ENV_PATH=1 MPLBACKEND=Agg PYTHONWARNINGS=${PYTHONWARNINGS:-}
+# One torch thread per process: nbdev_test runs two notebooks at once on a 2-core machine, and oversubscribed
+# OpenMP threads make small torch ops orders of magnitude slower.
+export PATH="$PWD/$venv/bin:$PATH" JUPYTER_PREFER_ENV_PATH=1 MPLBACKEND=Agg OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fingerprint() { find nbs vlv -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs md5sum; }
 step() { printf '\n=== %s ===\n' "$1"; }
 

@@ -246,3 +246,15 @@ def test_ctrl_c_records_interrupted(first_run, project):
         except ProcessLookupError: break
         time.sleep(0.1)
     else: pytest.fail(f'kernel process {kernel_pid} still running after the interrupt')
+
+
+def test_publish_outputs(first_run, project, tmp_path):
+    executed = first_run['run_dir'] / '01_record.ipynb'
+    nbs = tmp_path / 'nbs'; shutil.copytree(project / 'nbs', nbs)
+    assert main(['publish', str(executed), '--nbs', str(nbs)]) == 0
+    published = nbformat.read(nbs / '01_record.ipynb', 4)
+    assert not any('injected-parameters' in c.metadata.get('tags', []) for c in published.cells)
+    assert len(published.cells) == len(nbformat.read(project / 'nbs' / '01_record.ipynb', 4).cells)
+    changed = nbformat.read(nbs / '02_check.ipynb', 4); changed.cells[1].source += '\n# edited'
+    nbformat.write(changed, nbs / '02_check.ipynb')
+    assert main(['publish', str(executed.parent / '02_check.ipynb'), '--nbs', str(nbs)]) == 2
