@@ -49,8 +49,6 @@ def test_strict_loading_refuses_a_damaged_checkpoint(tmp_path, teacher):
     with pytest.raises(ValueError, match='missing'): DiffusionDecoder.from_pretrained(copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issue 3): the shipped teacher's samples do not follow their captions "
-                   "yet (attribute ~0.14 at 50 DDIM steps) although its denoising loss does use them; under investigation")
 def test_samples_follow_their_captions(teacher):
     "A short sampling run (16 held-in test scenes, 20 DDIM steps, guidance 2): the oracle must read most attributes back."
     test = make_splits(get_config('toy').data, seed=0)['test']

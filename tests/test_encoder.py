@@ -1,0 +1,134 @@
+"""Tests of vlv.encoder: Florence-2 with learnable queries and phi (random-init, tiny widths, offline, CPU)."""
+import json
+
+import pytest
+import torch
+
+from vlv.bottleneck import TINY, DiffusionDecoder, make_word_tokenizer
+from vlv.core import get_config
+from vlv.encoder import (PARTS, CheckpointMismatch, VLVEncoder, build_encoder, load_encoder, save_encoder,
+                         unique_state)
+from vlv.data import CAPTION_WORDS
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def paper_structure_tiny():
+    "The paper preset's Florence-2-large block structure (4 DaViT stages, depths 1/1/9/1, window 12) at tiny widths."
+    paper = get_config('paper').encoder
+    return paper.model_copy(update=dict(
+        pretrained=None, image_size=96, vision_embed_dim=(8, 16, 32, 64), vision_heads=(1, 2, 4, 8),
+        vision_groups=(1, 2, 4, 8), d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=4, ffn_dim=64,
+        max_positions=128))
+
+
+@pytest.fixture(scope='module')
+def encoder():
+    return build_encoder(paper_structure_tiny(), text_width=32, seed=0).eval()   # paper dropout 0.1: eval for comparisons
+
+
+@pytest.fixture(scope='module')
+def images():
+    return torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_paper_structure_and_shapes(encoder, images):
+    cfg = encoder.cfg
+    v = encoder.florence.config.vision_config
+    assert tuple(v.depths) == (1, 1, 9, 1) and v.window_size == 12 and len(encoder.vision_tower.blocks) == 4
+    assert encoder.num_queries == 77 and cfg.train_vision is False
+    with torch.no_grad():
+        feats = encoder.vision_features(images)   # 64 px in, resized to 96
+        z = encoder(images)
+    assert feats.shape == (3, 64, 3, 3)          # 96 / 32
+    assert z.shape == (3, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(vision_features=feats), z)
+    assert encoder.florence.config._attn_implementation == 'sdpa'
+
+
+def test_prompt_enters_the_encoder(encoder, images):
+    with torch.no_grad(): encoded = encoder.encode(images)
+    n_image = 3 * 3 + 1
+    assert encoded.shape[1] == n_image + len(encoder.prompt_ids)
+    tokens = make_word_tokenizer([encoder.cfg.prompt]).convert_ids_to_tokens(encoder.prompt_ids.tolist())
+    assert tokens[0] == '<bos>' and tokens[-1] == '<eos>' and 'describe' in tokens
+
+
+def test_trainable_parts_follow_config(encoder):
+    flags = {k: [p.requires_grad for p in ps] for k, ps in encoder.parts().items()}
+    assert set(flags) == set(PARTS)
+    assert not any(flags['vision']) and all(flags['language']) and all(flags['queries']) and all(flags['projector'])
+    encoder.train()
+    assert not encoder.vision_tower.training and encoder.language.training
+    encoder.eval()
+    everything = build_encoder(paper_structure_tiny().model_copy(update=dict(train_vision=True)), 32)
+    assert all(p.requires_grad for p in everything.parameters())
+
+
+def test_bad_images_are_named(encoder):
+    with pytest.raises(ValueError, match=r'\[B, 3, H, W\]'): encoder(torch.rand(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r'\[B, 3, H, W\]'): encoder(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match='pixels or vision_features'): encoder.encode()
+
+
+def test_z_conditions_the_decoder_with_cfg(encoder, images):
+    "z (N=77 here, or fewer) goes through encode_embeddings; CFG's empty prompt has max_length positions."
+    tokenizer = make_word_tokenizer(CAPTION_WORDS, max_length=77)
+    decoder = DiffusionDecoder.from_config({**TINY, 'vocab_size': 64}, tokenizer=tokenizer)
+    short = build_encoder(paper_structure_tiny().model_copy(update=dict(num_queries=16)), decoder.text_width)
+    with torch.no_grad():
+        for enc in (encoder, short):
+            cond = decoder.encode_embeddings(enc(images))
+            out = decoder.sample(cond, guidance=2.0, steps=2, seed=0)
+            assert out.shape == (3, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_save_load_roundtrip(encoder, images, tmp_path):
+    path = save_encoder(encoder, tmp_path / 'enc')
+    assert sorted(p.name for p in path.iterdir()) == ['config.json', 'model.safetensors']
+    config = json.loads((path / 'config.json').read_text())
+    assert config['text_width'] == 32 and config['encoder']['num_queries'] == 77
+    loaded = load_encoder(path).eval()
+    with torch.no_grad(): torch.testing.assert_close(loaded(images), encoder(images))
+    a, b = unique_state(encoder)[0], unique_state(loaded)[0]
+    assert set(a) == set(b)
+    assert not any(p.requires_grad for p in loaded.parts()['vision'])
+
+
+def test_tied_weights_stored_once(encoder):
+    state, aliases = unique_state(encoder)
+    assert 'florence.lm_head.weight' in aliases
+    assert aliases['florence.lm_head.weight'] in state
+
+
+def test_checkpoint_from_another_config_names_keys_and_shapes(encoder, tmp_path):
+    path = save_encoder(encoder, tmp_path / 'enc')
+    other = paper_structure_tiny().model_copy(update=dict(num_queries=16, d_model=64, encoder_layers=3))
+    with pytest.raises(CheckpointMismatch) as e: load_encoder(path, cfg=other)
+    msg = str(e.value)
+    assert 'queries: checkpoint [1, 77, 32] vs model [1, 16, 64]' in msg
+    assert 'missing keys' in msg and 'encoder.layers.2' in msg and 'shape mismatch' in msg
+
+
+def test_not_an_encoder_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='not a saved VLV encoder'): load_encoder(tmp_path)
+
+
+def test_seeded_init_is_reproducible():
+    cfg = get_config('smoke').encoder
+    a, b = build_encoder(cfg, 32, seed=3), build_encoder(cfg, 32, seed=3)
+    for (k, x), (_, y) in zip(unique_state(a)[0].items(), unique_state(b)[0].items()): assert torch.equal(x, y), k
+    assert not torch.equal(build_encoder(cfg, 32, seed=4).queries, a.queries)
+
+
+def test_position_init_std(images):
+    cfg = get_config('smoke').encoder.model_copy(update=dict(position_init_std=0.5))
+    enc = build_encoder(cfg, 32)
+    std = enc.language.encoder.embed_positions.weight.std().item()
+    assert 0.4 < std < 0.6
