@@ -261,7 +261,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     'toy': dict(
         encoder=dict(train_vision=True, init_std=0.0884),   # unit-gain init 1/sqrt(d_model): see nbs/04_stage1
         stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16, 32), ablation_steps=300, ablation_scenes=200),
-        decode=dict(),
+        decode=dict(lr=2e-3),   # the toy LM's colour embeddings start nearly equal (cos 0.88): 3e-4 never separates them
         data=dict(n_train=20_000, n_test=500, n_heldout_test=500),
     ),
     'paper': dict(
