@@ -23,8 +23,8 @@ __all__ = ['SHAPES', 'PALETTE', 'COLOURS', 'SIZES', 'CELLS', 'BACKGROUND', 'HALF
            'ALPHA_METRIC', 'DEGRADATIONS', 'SPLITS', 'srgb_to_lab', 'Obj', 'Scene', 'check_combos', 'sample_layouts',
            'layouts_to_scenes', 'scenes_to_layouts', 'sample_scenes', 'sample_scene', 'shape_inside', 'cell_centre',
            'shape_alpha', 'alpha_table', 'render_layouts', 'render_batch', 'render', 'caption', 'parse_caption',
-           'perturb_caption', 'template_table', 'parse_image', 'parse_images', 'degrade', 'score', 'ShapesItem',
-           'ShapesDataset', 'make_splits', 'oracle_report', 'report_table']
+           'perturb_caption', 'template_table', 'parse_image', 'parse_images', 'degrade', 'score', 'attribute_accuracy',
+           'ShapesItem', 'ShapesDataset', 'make_splits', 'oracle_report', 'report_table']
 
 # %% ../nbs/01_data.ipynb #56dd45c6
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -493,6 +493,12 @@ def score(preds: Sequence[Scene] | Scene, # predicted scenes (e.g. parse_image o
             'object_precision': object_tp / n_pred if n_pred else 1.0,
             'object_recall': object_tp / n_true if n_true else 1.0,
             'count_acc': count_ok / n, 'exact_match': exact / n, 'n_scenes': len(trues), 'n_objects': n_true}
+
+
+def attribute_accuracy(scores: dict, # what `score` returned
+                      ) -> float:    # mean of shape, colour and size accuracy
+    "The headline 'attribute accuracy': mean of shape, colour and size accuracy (objects matched by cell)."
+    return (scores['shape_acc'] + scores['colour_acc'] + scores['size_acc']) / 3
 
 # %% ../nbs/01_data.ipynb #38283691
 SPLITS = ('train', 'test', 'heldout_test')

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -26,8 +25,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write, get_config, get_run_dir, image_grid, project_root, save_json
-from .data import CAPTION_WORDS, Scene, make_splits, parse_images, score
+from .core import Config, atomic_folder, atomic_write, get_config, get_run_dir, image_grid, project_root, save_json
+from .data import CAPTION_WORDS, Scene, attribute_accuracy, make_splits, parse_images, score
 from .bottleneck import DiffusionDecoder, LatentDataset, cache_latents, load_decoder, make_word_tokenizer
 from .encoder import VLVEncoder, build_encoder, load_state, read_safetensors, save_encoder, unique_state
 from .teacher import warmup_cosine
@@ -36,9 +35,9 @@ from .teacher import warmup_cosine
 __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'shapes_keys', 'default_cache_dir', 'stage1_dataset', 'StepBatches', 'Indexed',
            'collate_stage1', 'param_groups', 'make_optimizer', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'latest_checkpoint', 'check_resumable', 'load_checkpoint', 'NonFiniteLoss', 'Stage1Result', 'seeded',
-           'reconstruct', 'save_grid', 'load_stage1_decoder', 'train_stage1', 'attribute_accuracy', 'eval_sets',
-           'evaluate_encoder', 'teacher_caption_scores', 'add_stage1_arguments', 'stage1_command', 'main',
-           'accelerate_config', 'image_share', 'study_run', 'probe_images_for']
+           'reconstruct', 'save_grid', 'load_stage1_decoder', 'train_stage1', 'eval_sets', 'evaluate_encoder',
+           'teacher_caption_scores', 'add_stage1_arguments', 'stage1_command', 'main', 'accelerate_config',
+           'image_share', 'study_run', 'probe_images_for']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def shapes_keys(dataset) -> list[str]:
@@ -190,26 +189,17 @@ def save_checkpoint(folder: Path,         # <stage1 dir>/checkpoints
                     state: dict | None = None, # the encoder's full state dict if gathered elsewhere (FSDP / DeepSpeed)
                    ) -> Path:
     "Write checkpoint `step` atomically and point `latest.json` at it."
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(folder / name) as tmp:   # the files inside need no atomicity of their own
         save_encoder(encoder, tmp / 'encoder', state)
-        with atomic_write(tmp / 'optimizer.pt') as f:
-            torch.save({'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict()}, f)
+        torch.save({'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict()}, tmp / 'optimizer.pt')
         tensors, meta = rng_state()
-        with atomic_write(tmp / 'rng.safetensors') as f: f.write(safetensors_bytes(tensors, metadata=meta))
+        (tmp / 'rng.safetensors').write_bytes(safetensors_bytes(tensors, metadata=meta))
         save_json(dict(step=step, samples_seen=step * cfg.stage1.batch_size, config=cfg.model_dump(mode='json'),
                        **(extra or {})), tmp / 'state.json')
-        final = folder / name
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     save_json(dict(step=step, path=name), folder / 'latest.json')
     for old in sorted(folder.glob('step-*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    return final
+    return folder / name
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -424,11 +414,6 @@ def train_stage1(cfg: Config,                              # the whole config (e
     return Stage1Result(encoder, history, folder, checkpoint, seconds, grids)
 
 # %% ../nbs/04_stage1.ipynb #8d8f6247
-def attribute_accuracy(scores: dict) -> float:
-    "Mean of shape, colour and size accuracy (objects matched by cell)."
-    return (scores['shape_acc'] + scores['colour_acc'] + scores['size_acc']) / 3
-
-
 def eval_sets(cfg: Config, n: int) -> dict[str, tuple[Tensor, list[Scene], list[str]]]:
     "The first `n` held-in and held-out test scenes: images [n, 3, H, W], scenes, captions."
     splits, sets = make_splits(cfg.data, seed=cfg.run.seed), {}
