@@ -169,7 +169,8 @@ def test_sd_layout_round_trip(decoder, saved):
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     assert torch.equal(loaded.tokenize("a red circle"), decoder.tokenize("a red circle"))
     cond = decoder.encode_embeddings(torch.randn(1, 16, 32))
-    assert torch.equal(loaded.sample(cond, steps=2, seed=0), decoder.sample(cond, steps=2, seed=0))
+    # weights are equal (above); the reloaded UNet's kernels may sum in another order (~7e-7 per call): close, not bit-equal
+    torch.testing.assert_close(loaded.sample(cond, steps=2, seed=0), decoder.sample(cond, steps=2, seed=0), atol=1e-5, rtol=0)
     assert sorted(p.name for p in saved.parent.iterdir()) == ['tiny-sd']  # no temporary folders left
 
 

@@ -132,3 +132,15 @@ def test_position_init_std(images):
     enc = build_encoder(cfg, 32)
     std = enc.language.encoder.embed_positions.weight.std().item()
     assert 0.4 < std < 0.6
+
+
+def test_toy_pixel_statistics_are_the_shapes_worlds():
+    "The toy preset normalises with the Shapes training images' own per-channel mean and std (not ImageNet's)."
+    from vlv.data import make_splits
+    cfg = get_config('toy')
+    train = make_splits(cfg.data.model_copy(update=dict(n_train=2000)), seed=0)['train']
+    pixels = torch.from_numpy(train.images(range(2000))).float().div(255)   # [n, H, W, 3]
+    mean, std = pixels.mean((0, 1, 2)), pixels.std((0, 1, 2))
+    torch.testing.assert_close(mean, torch.tensor(cfg.encoder.pixel_mean), atol=0.005, rtol=0)
+    torch.testing.assert_close(std, torch.tensor(cfg.encoder.pixel_std), atol=0.005, rtol=0)
+    assert get_config('paper').encoder.pixel_mean == (0.485, 0.456, 0.406)   # the pretrained tower keeps ImageNet's

@@ -587,7 +587,7 @@ COMMANDS['publish'] = Command(help="copy an executed run notebook's outputs back
                               add_arguments=add_publish_arguments, handler=publish_command)
 
 # %% ../nbs/90_cli.ipynb #1deab940
-COMMAND_MODULES = ('vlv.stage1', 'vlv.apps')   # importing these registers their commands
+COMMAND_MODULES = ('vlv.stage1', 'vlv.apps', 'vlv.eval')   # importing these registers their commands
 
 def load_command_modules() -> None:
     "Import the modules that register the heavier commands."

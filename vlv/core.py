@@ -259,8 +259,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      warmup_steps=1, eval_scenes=16, eval_batch_size=16, probe_every=2, probe_scenes=4),
     ),
     'toy': dict(
-        encoder=dict(train_vision=True, init_std=0.0884),   # unit-gain init 1/sqrt(d_model): see nbs/04_stage1
-        stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16, 32), ablation_steps=300, ablation_scenes=200),
+        # from scratch on Shapes (see nbs/04_stage1): unit-gain init 1/sqrt(d_model); pixels normalised with the Shapes
+        # images' own statistics (ImageNet's make the 240-grey background the largest input); position tables std 1
+        encoder=dict(train_vision=True, init_std=0.0884, pixel_mean=(0.914, 0.909, 0.909), pixel_std=(0.136, 0.134, 0.140),
+                     position_init_std=1.0),
+        stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16, 32), ablation_steps=800, ablation_scenes=200),
         decode=dict(lr=2e-3),   # the toy LM's colour embeddings start nearly equal (cos 0.88): 3e-4 never separates them
         data=dict(n_train=20_000, n_test=500, n_heldout_test=500),
     ),
