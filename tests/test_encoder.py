@@ -144,3 +144,28 @@ def test_toy_pixel_statistics_are_the_shapes_worlds():
     torch.testing.assert_close(mean, torch.tensor(cfg.encoder.pixel_mean), atol=0.005, rtol=0)
     torch.testing.assert_close(std, torch.tensor(cfg.encoder.pixel_std), atol=0.005, rtol=0)
     assert get_config('paper').encoder.pixel_mean == (0.485, 0.456, 0.406)   # the pretrained tower keeps ImageNet's
+
+
+def test_image_tokens_readout(images, tmp_path):
+    "readout='image_tokens': z = phi(BART encoder output at the grid tokens); decoder and queries frozen; survives save/load."
+    cfg = get_config('smoke').encoder.model_copy(update=dict(readout='image_tokens', num_queries=16))
+    enc = build_encoder(cfg, 32, seed=0).eval()
+    assert enc.grid_tokens == 16                                        # 64 px, strides 4 * 2 * 2 -> 4 x 4
+    with torch.no_grad():
+        z = enc(images)
+        torch.testing.assert_close(z, enc.projector(enc.encode(images)[:, 1:17]))
+    assert z.shape == (3, 16, 32)
+    assert not enc.queries.requires_grad and not any(p.requires_grad for p in enc.decoder_only())
+    assert enc.language.encoder.layers[0].self_attn.q_proj.weight.requires_grad
+    enc(images).sum().backward()
+    assert all(p.grad is None for p in enc.decoder_only())             # the decoder really is unused
+    assert not {id(p) for p in enc.language_model_parameters()} & {id(p) for p in enc.decoder_only()}   # stage 2 leaves it out too
+    loaded = load_encoder(save_encoder(enc, tmp_path / 'enc')).eval()
+    assert loaded.cfg.readout == 'image_tokens'
+    with torch.no_grad(): torch.testing.assert_close(loaded(images), z)
+    with pytest.raises(ValueError, match='encoder.num_queries=16'): build_encoder(cfg.model_copy(update=dict(num_queries=4)), 32)
+
+
+def test_toy_preset_reads_grid_tokens_paper_reads_queries():
+    assert get_config('toy').encoder.readout == 'image_tokens' and get_config('toy').encoder.num_queries == 16
+    assert get_config('paper').encoder.readout == 'queries' and get_config('paper').encoder.num_queries == 77

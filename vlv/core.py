@@ -156,7 +156,8 @@ class EncoderConfig(Section):
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # Florence's ImageNet normalisation
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     prompt: str = 'describe the image.'                    # task prompt that follows the image tokens into the encoder
-    num_queries: int = Field(16, ge=1)                     # N learnable queries fed to the decoder (<= bottleneck.max_length)
+    readout: Literal['queries', 'image_tokens'] = 'queries' # z from the BART decoder fed N queries (paper), or the BART encoder's grid tokens (toy, see 04)
+    num_queries: int = Field(16, ge=1)                     # N learnable queries fed to the decoder (<= bottleneck.max_length); image_tokens: the grid size
     query_init_std: float = Field(1.0, gt=0)               # queries start as std * randn (reference code: randn)
     projector_hidden: int | None = None                    # phi's hidden width; None -> the text encoder width
     vision_embed_dim: tuple[int, ...] = (32, 64, 128)      # DaViT: widths per stage (random init only)
@@ -261,7 +262,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     'toy': dict(
         # from scratch on Shapes (see nbs/04_stage1): unit-gain init 1/sqrt(d_model); pixels normalised with the Shapes
         # images' own statistics (ImageNet's make the 240-grey background the largest input); position tables std 1
-        encoder=dict(train_vision=True, init_std=0.0884, pixel_mean=(0.914, 0.909, 0.909), pixel_std=(0.136, 0.134, 0.140),
+        encoder=dict(train_vision=True, init_std=0.0884, pixel_mean=(0.914, 0.909, 0.909), pixel_std=(0.136, 0.134, 0.140), readout='image_tokens',
                      position_init_std=1.0),
         stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16, 32), ablation_steps=800, ablation_scenes=200),
         decode=dict(lr=2e-3),   # the toy LM's colour embeddings start nearly equal (cos 0.88): 3e-4 never separates them

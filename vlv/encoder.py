@@ -70,6 +70,10 @@ class VLVEncoder(nn.Module):
         self.register_buffer('prompt_ids', torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1))
         self.register_buffer('pixel_mean', torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('pixel_std', torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        if cfg.readout == 'image_tokens' and cfg.num_queries != self.grid_tokens:
+            side = int(round(self.grid_tokens ** 0.5))
+            raise ValueError(f"readout='image_tokens' gives one z per DaViT grid cell, {side}x{side} = {self.grid_tokens} at "
+                             f"{cfg.image_size} px; set encoder.num_queries={self.grid_tokens} (got {cfg.num_queries})")
         self.set_trainable()
 
     @property
@@ -84,6 +88,20 @@ class VLVEncoder(nn.Module):
     def d_model(self) -> int: return self.queries.shape[2]
     @property
     def device(self) -> torch.device: return self.queries.device
+    @property
+    def grid_tokens(self) -> int:
+        "Number of DaViT grid cells (image tokens besides the pooled one) at `image_size`."
+        v, side = self.florence.config.vision_config, self.cfg.image_size
+        for k, s, p in zip(v.patch_size, v.patch_stride, v.patch_padding): side = (side + 2 * p - k) // s + 1
+        return side * side
+    def decoder_only(self) -> list[nn.Parameter]:
+        "BART decoder parameters not shared with the encoder (unused by the `image_tokens` readout)."
+        shared = {id(p) for p in self.language.encoder.parameters()}
+        return [p for p in self.language.decoder.parameters() if id(p) not in shared]
+    def language_model_parameters(self) -> list[nn.Parameter]:
+        "The BART parameters stage 2 may train (`image_tokens`: without the unused decoder)."
+        unused = {id(p) for p in self.decoder_only()} if self.cfg.readout == 'image_tokens' else set()
+        return [p for p in self.language.parameters() if id(p) not in unused]
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         "Parameters by part (see `PARTS`); tied weights appear once."
@@ -99,6 +117,8 @@ class VLVEncoder(nn.Module):
                      language=self.cfg.train_language, queries=True, projector=True)
         for name, params in self.parts().items():
             for p in params: p.requires_grad_(flags[name])
+        if self.cfg.readout == 'image_tokens':   # unused parameters stay frozen (DDP would wait for their gradients)
+            for p in self.decoder_only() + [self.queries]: p.requires_grad_(False)
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> VLVEncoder:
@@ -137,7 +157,8 @@ class VLVEncoder(nn.Module):
 
     def decode(self, encoded: Tensor, # BART encoder output [B, T, d_model]
               ) -> Tensor:            # decoder last hidden state at the queries [B, N, d_model]
-        "The BART decoder fed the learnable queries, cross-attending to `encoded`."
+        "The BART decoder fed the learnable queries, cross-attending to `encoded` (`image_tokens`: the grid tokens)."
+        if self.cfg.readout == 'image_tokens': return encoded[:, 1:1 + self.grid_tokens]   # token 0 is the pooled one
         queries = self.queries.expand(len(encoded), -1, -1).to(encoded.dtype)
         return self.language.decoder(inputs_embeds=queries, encoder_hidden_states=encoded, use_cache=False).last_hidden_state
 
@@ -153,7 +174,7 @@ class VLVEncoder(nn.Module):
         v, t = self.florence.config.vision_config, self.florence.config.text_config
         return (f"VLVEncoder(Florence-2: DaViT {tuple(v.embed_dim)} x {tuple(v.depths)} [{n(self.parts()['vision'])}], "
                 f"BART d={t.d_model} {t.encoder_layers}+{t.decoder_layers} layers [{n(self.parts()['language'])}]; "
-                f"{self.num_queries} queries, phi {self.d_model}->{self.text_width} [{n(self.parts()['projector'])}]; "
+                f"{self.num_queries} {'queries' if self.cfg.readout == 'queries' else 'grid tokens (decoder unused)'}, phi {self.d_model}->{self.text_width} [{n(self.parts()['projector'])}]; "
                 f"{self.cfg.image_size}px, prompt {len(self.prompt_ids)} tokens; trains {', '.join(trained)})")
 
 # %% ../nbs/02_encoder.ipynb #179d382f

@@ -532,8 +532,8 @@ def image_share(encoder: VLVEncoder, images: Tensor) -> dict[str, float]:
         encoded = encoder.encode(images.to(encoder.device)); hidden = encoder.decode(encoded); z = encoder.projector(hidden)
     finally: hook.remove(); encoder.train(was)
     share = lambda x: (x.var(0).mean() / x.reshape(-1, x.shape[-1]).var(0).mean()).item()
-    return dict(z=share(z), decoder=share(hidden), encoder=share(encoded),
-                cross_read=(reads[0].norm(dim=-1).mean() / hidden.norm(dim=-1).mean()).item())
+    cross_read = (reads[0].norm(dim=-1).mean() / hidden.norm(dim=-1).mean()).item() if reads else float('nan')  # image_tokens: no decoder
+    return dict(z=share(z), decoder=share(hidden), encoder=share(encoded), cross_read=cross_read)
 
 # %% ../nbs/04_stage1.ipynb #52808c84
 def study_run(cfg: Config,              # the run's whole config
