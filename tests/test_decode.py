@@ -12,7 +12,7 @@ from vlv.core import get_config
 from vlv.data import CAPTION_WORDS, make_splits, parse_caption
 from vlv.decode import (TRAINABLE, CaptionDecoder, CaptionEmbedder, Captions, Stage2Model, caption_ids,
                         caption_scores, captioned_indices, hf_generate, lm_path, lm_tokenizer, load_checkpoint, load_lm,
-                        load_weights, make_batch, pad_batch, save_checkpoint, save_lm, train_stage2)
+                        load_weights, make_batch, pad_batch, paraphrase, save_checkpoint, save_lm, train_stage2)
 from vlv.lm import perplexity, sample_text, text_loss, well_formed
 
 TINY_LM = ('decode.lm=random decode.lm_width=32 decode.lm_layers=2 decode.lm_heads=4 decode.lm_kv_heads=2 '
@@ -342,7 +342,8 @@ def test_make_batch_and_scores(cfg, bottleneck):
 
 def test_decode_config():
     assert get_config('paper').decode.lm == 'Qwen/Qwen2.5-3B' and get_config('paper').decode.train == 'psi+lm+encoder'
-    assert get_config('toy').decode.lm is None and get_config('smoke').decode.lm is None
+    assert get_config('toy').decode.lm == 'random' and get_config('smoke').decode.lm is None   # toy: see nbs/05_decode
+    assert get_config('toy').decode.paraphrase and not get_config('paper').decode.paraphrase
     with pytest.raises(ValueError, match='lm_heads'): get_config('smoke', 'decode.lm_heads=3')
     with pytest.raises(ValueError): get_config('smoke', 'decode.train=lm')
 
@@ -364,9 +365,59 @@ def test_shipped_toy_lm():
     assert sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) <= 10e6
     record = json.loads((path / 'training.json').read_text())
     assert record['command'] == 'vlv run --preset toy --name lm --only 05a -p train True -p ship True'
-    lm, tok = load_lm(get_config('toy').decode)
+    lm, tok = load_lm(get_config('toy', 'decode.lm=null').decode)   # the toy preset's stage 2 starts from random init
     assert type(lm).__name__ == 'Qwen2ForCausalLM' and tok.eos_token_id is not None
     texts, ended = sample_text(lm, tok, 20, seed=0)
     assert np.mean(ended) >= 0.9 and np.mean([well_formed(t) for t in texts]) >= 0.6   # shipped: 1.0 and 0.845 of 200
     split = make_splits(get_config('smoke').data, seed=0)['test']
     assert perplexity(lm, tok, split.captions[:16]) < 4
+
+
+# --- paraphrased captions --------------------------------------------------------------------------------------------
+
+def test_paraphrase_keeps_the_scene_and_changes_the_words():
+    rng = np.random.default_rng(0)
+    for text in make_splits(get_config('smoke').data, seed=0)['train'].captions[:20]:
+        rewrites = [paraphrase(text, rng) for _ in range(8)]
+        assert all(parse_caption(r) == parse_caption(text) for r in rewrites)
+        assert len(set(rewrites) | {text}) > 1
+    assert paraphrase('two dogs play football.', rng) == 'two dogs play football.'
+    half = 'a large red circle in the top left and a blue square in the center.'    # the square has no size: not whole
+    assert paraphrase(half, rng) == half
+
+
+def test_paraphrased_training_sees_the_same_scenes_and_resumes_exactly(tmp_path, bottleneck, monkeypatch):
+    para = get_config('smoke', TINY_LM + ' decode.paraphrase=true')
+    data = make_splits(para.data, seed=0)['train']
+    seen = []
+    loss = CaptionDecoder.loss
+    monkeypatch.setattr(CaptionDecoder, 'loss', lambda self, c, captions: seen.append(list(captions)) or loss(self, c, captions))
+    straight = new_model(para, bottleneck)
+    history = train_stage2(straight, data, para, tmp_path / 'a', progress=False)
+    plain = get_config('smoke', TINY_LM + ' decode.paraphrase=false')
+    originals = []
+    monkeypatch.setattr(CaptionDecoder, 'loss', lambda self, c, captions: originals.append(list(captions)) or loss(self, c, captions))
+    train_stage2(new_model(plain, bottleneck), data, plain, tmp_path / 'plain', progress=False)
+    assert len(seen) == len(originals) == para.decode.steps
+    assert all(parse_caption(a) == parse_caption(b) for s, o in zip(seen, originals) for a, b in zip(s, o))
+    assert sum(a != b for s, o in zip(seen, originals) for a, b in zip(s, o)) > 0
+    resumed = new_model(para, bottleneck)
+    train_stage2(resumed, data, para, tmp_path / 'b', stop_after=2, progress=False)
+    resumed = new_model(para, bottleneck)
+    assert [h['loss'] for h in train_stage2(resumed, data, para, tmp_path / 'b', progress=False)] == [h['loss'] for h in history]
+
+
+class FreeText(torch.utils.data.Dataset):
+    "A captioned split whose captions are not Shapes captions."
+    def __init__(self, split): self.split, self.has_caption = split, split.has_caption
+    def __len__(self): return len(self.split)
+    def __getitem__(self, i): return {**self.split[i], 'caption': f'photo number {i} of a sunny day.'}
+
+
+def test_paraphrase_on_free_text_warns_and_keeps_the_captions(tmp_path, bottleneck):
+    para = get_config('smoke', TINY_LM + ' decode.paraphrase=true')
+    plain = get_config('smoke', TINY_LM + ' decode.paraphrase=false')
+    data = FreeText(make_splits(para.data, seed=0)['train'])
+    with pytest.warns(UserWarning, match='not Shapes captions'):
+        warned = train_stage2(new_model(para, bottleneck), data, para, tmp_path / 'a', progress=False)
+    assert [h['loss'] for h in warned] == [h['loss'] for h in train_stage2(new_model(plain, bottleneck), data, plain, tmp_path / 'b', progress=False)]

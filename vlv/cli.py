@@ -40,8 +40,9 @@ __all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED
            'project_nbs_dir', 'parse_value', 'notebook_parameters', 'plan_parameters', 'resolve_start',
            'check_resumable', 'CurrentPythonKernelManager', 'kernel_manager_for', 'git_state', 'package_versions',
            'host_info', 'load_manifest', 'RunPlan', 'plan_run', 'new_manifest', 'execute_notebook', 'execute_run',
-           'run_pipeline', 'Command', 'add_run_arguments', 'parse_parameters', 'run_command', 'publish_outputs',
-           'add_publish_arguments', 'publish_command', 'load_command_modules', 'build_parser', 'main']
+           'run_pipeline', 'Command', 'add_run_arguments', 'parse_parameters', 'run_command', 'collapse_streams',
+           'publish_outputs', 'add_publish_arguments', 'publish_command', 'load_command_modules', 'build_parser',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #3eafbde8
 class RunError(Exception):
@@ -546,6 +547,22 @@ COMMANDS: dict[str, Command] = {
 }
 
 # %% ../nbs/90_cli.ipynb #952b79f1
+def _settle(text: str) -> str:
+    "What a terminal shows after `text`: on every line only what follows its last carriage return."
+    return '\n'.join(line.rstrip('\r').rsplit('\r', 1)[-1] for line in text.split('\n'))
+
+
+def collapse_streams(outputs: list) -> list:
+    "Merge consecutive stream outputs of one name and keep the final state of each progress-bar line."
+    merged = []
+    for out in outputs:
+        if out.get('output_type') == 'stream' and merged and merged[-1].get('output_type') == 'stream' \
+                and merged[-1].get('name') == out.get('name'):
+            merged[-1] = nbformat.from_dict({**merged[-1], 'text': merged[-1]['text'] + out['text']})
+        else: merged.append(out)
+    return [nbformat.from_dict({**o, 'text': _settle(o['text'])}) if o.get('output_type') == 'stream' else o for o in merged]
+
+
 def publish_outputs(executed: str | Path,           # an executed notebook in a run folder
                     nbs: str | Path | None = None,  # notebooks folder; default the project's nbs/
                    ) -> Path:                        # the source notebook that now carries the outputs
@@ -561,7 +578,7 @@ def publish_outputs(executed: str | Path,           # an executed notebook in a 
     if [(c.cell_type, c.source) for c in ran_cells] != [(c.cell_type, c.source) for c in source.cells]:
         raise RunError(f"{target.name} changed since {executed} was executed: rerun it before publishing its outputs")
     for mine, theirs in zip(source.cells, ran_cells):
-        if mine.cell_type == 'code': mine.outputs = theirs.outputs
+        if mine.cell_type == 'code': mine.outputs = collapse_streams(theirs.outputs)
     nbformat.write(source, target)
     from nbdev.clean import nbdev_clean
     nbdev_clean(str(target))
@@ -587,7 +604,7 @@ COMMANDS['publish'] = Command(help="copy an executed run notebook's outputs back
                               add_arguments=add_publish_arguments, handler=publish_command)
 
 # %% ../nbs/90_cli.ipynb #1deab940
-COMMAND_MODULES = ('vlv.stage1', 'vlv.apps', 'vlv.eval')   # importing these registers their commands
+COMMAND_MODULES = ('vlv.stage1', 'vlv.apps', 'vlv.eval', 'vlv.bench')   # importing these registers their commands
 
 def load_command_modules() -> None:
     "Import the modules that register the heavier commands."

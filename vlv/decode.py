@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import json
+import re
 import importlib.util
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json
-from .data import CAPTION_WORDS, parse_caption, score
+from .data import CAPTION_WORDS, SHAPES, caption, parse_caption, score
 from .bottleneck import DiffusionDecoder, _load_strict, make_word_tokenizer
 from .encoder import VLVEncoder, load_encoder, load_state, read_safetensors, save_encoder
 from .teacher import warmup_cosine
@@ -33,8 +35,8 @@ from .teacher import warmup_cosine
 __all__ = ['TRAINABLE', 'lm_tokenizer', 'caption_ids', 'pad_batch', 'lm_config', 'build_lm', 'lm_path', 'save_lm',
            'load_tokenizer', 'load_lm', 'build_psi', 'CaptionDecoder', 'Captions', 'hf_generate',
            'encoder_language_model_parameters', 'Stage2Model', 'load_weights', 'save_checkpoint', 'load_checkpoint',
-           'save_vlv', 'load_vlv', 'captioned_indices', 'make_batch', 'conditioning_cache', 'train_stage2',
-           'caption_scores', 'CaptionEmbedder']
+           'save_vlv', 'load_vlv', 'paraphrase', 'captioned_indices', 'make_batch', 'conditioning_cache',
+           'train_stage2', 'caption_scores', 'CaptionEmbedder']
 
 # %% ../nbs/05_decode.ipynb #ec44d0ea
 def lm_tokenizer(words: Iterable[str] = CAPTION_WORDS, # every word captions may contain
@@ -477,6 +479,15 @@ def load_vlv(path: str | Path,                          # a folder written by `s
     model = Stage2Model(encoder, bottleneck, CaptionDecoder.from_pretrained(path / 'caption_decoder', device=device)).eval()
     return model, encoder, bottleneck, cfg
 
+# %% ../nbs/05_decode.ipynb #e63aec83
+def paraphrase(text: str,                 # a Shapes caption
+               rng: np.random.Generator,  # picks template, object order and cell phrasings
+              ) -> str:                   # the same objects said another way; `text` itself if it does not read whole
+    "Rewrite a Shapes caption from its text alone (the grammar's paraphraser; see `decode.paraphrase`)."
+    scene = parse_caption(text)
+    mentioned = sum(w.rstrip('s') in SHAPES for w in re.findall(r'[a-z]+', text.lower()))
+    return caption(scene, rng) if len(scene) and len(scene) == mentioned else text
+
 # %% ../nbs/05_decode.ipynb #bd68f5ea
 def captioned_indices(dataset) -> np.ndarray:
     "Indices of the items whose captions training may use (`dataset.has_caption`)."
@@ -548,6 +559,11 @@ def train_stage2(model: Stage2Model,      # the captioner (on its device)
                              "use another run folder, or resume=False to start over")
         history, start = record['history'], record['step']
     params = [p for g in groups for p in g['params']]
+    if d.paraphrase and start < min(d.steps, stop_after or d.steps):
+        sample = make_batch(dataset, indices[:64], ['caption'])['caption']
+        if all(paraphrase(text, np.random.default_rng(0)) == text for text in sample):
+            warnings.warn("decode.paraphrase is on but the captions are not Shapes captions (the paraphraser changes none of "
+                          f"{len(sample)}): training on them as they are", stacklevel=2)
     cache = conditioning_cache(model, dataset, indices, d.eval_batch_size) \
         if d.cache_conditioning and 'encoder' not in d.train and start < min(d.steps, stop_after or d.steps) else None
     keys = ['caption'] if cache is not None else [model.input_key, 'caption']
@@ -558,6 +574,9 @@ def train_stage2(model: Stage2Model,      # the captioner (on its device)
         rows = np.random.default_rng([cfg.run.seed, step]).choice(len(indices), d.batch_size, replace=len(indices) < d.batch_size)
         batch = make_batch(dataset, indices[rows], keys)
         if torch.is_tensor(batch.get('image')): batch['image'] = batch['image'].to(device)
+        if d.paraphrase:
+            words = np.random.default_rng([cfg.run.seed, step, 1])
+            batch['caption'] = [paraphrase(text, words) for text in batch['caption']]
         scale = warmup_cosine(step, d.steps, d.warmup_steps)
         for g in optimizer.param_groups: g['lr'] = g['initial_lr'] * scale
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):

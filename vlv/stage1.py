@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
@@ -35,7 +36,8 @@ from .teacher import warmup_cosine
 __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'shapes_keys', 'default_cache_dir', 'stage1_dataset', 'StepBatches', 'Indexed',
            'collate_stage1', 'param_groups', 'make_optimizer', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'latest_checkpoint', 'check_resumable', 'load_checkpoint', 'NonFiniteLoss', 'Stage1Result', 'seeded',
-           'reconstruct', 'save_grid', 'load_stage1_decoder', 'train_stage1', 'eval_sets', 'evaluate_encoder',
+           'reconstruct', 'save_grid', 'load_stage1_decoder', 'FeatureCache', 'configure_decoder', 'stage1_loss',
+           'LocalRuntime', 'micro_seeds', 'stage1_step', 'train_stage1', 'eval_sets', 'evaluate_encoder',
            'teacher_caption_scores', 'add_stage1_arguments', 'stage1_command', 'main', 'accelerate_config',
            'image_share', 'study_run', 'probe_images_for']
 
@@ -142,10 +144,12 @@ def param_groups(encoder: VLVEncoder, # the encoder being trained
 
 
 def make_optimizer(encoder: VLVEncoder, cfg: Config, device: torch.device,
+                   fused: bool | None = None,   # fused AdamW kernels; None -> on CUDA
                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    "AdamW (fused on CUDA) and the warm-up + cosine schedule over `cfg.stage1.steps`."
+    "AdamW (fused on CUDA by default) and the warm-up + cosine schedule over `cfg.stage1.steps`."
     s = cfg.stage1
-    opt = torch.optim.AdamW(param_groups(encoder, cfg), betas=tuple(s.betas), fused=device.type == 'cuda')
+    fused = torch.device(device).type == 'cuda' if fused is None else fused
+    opt = torch.optim.AdamW(param_groups(encoder, cfg), betas=tuple(s.betas), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=s.steps, warmup=s.warmup_steps))
     return opt, sched
 
@@ -284,6 +288,121 @@ def load_stage1_decoder(cfg: Config, device: str | torch.device | None = None) -
     tokenizer = make_word_tokenizer(CAPTION_WORDS, cfg.bottleneck.max_length) if cfg.bottleneck.pretrained == 'random' else None
     return load_decoder(cfg.bottleneck, tokenizer=tokenizer, device=device)
 
+# %% ../nbs/04_stage1.ipynb #efbad0e0
+class FeatureCache(dict):
+    "Vision-tower features per image index, computed once (`stage1.cache_vision_features`: the tower is frozen)."
+    def __call__(self, encoder: VLVEncoder, # the unwrapped encoder (its `vision_features`)
+                 indices: Tensor,           # dataset indices of the images [B]
+                 pixels: Tensor,            # the images [B, 3, H, W] in [0, 1], on the training device
+                ) -> Tensor:                # features [B, C, h, w] on the images' device
+        "The cached features of `indices`; missing ones are computed one image at a time and kept on the CPU."
+        for i, x in zip(indices.tolist(), pixels):
+            if i not in self:
+                with torch.no_grad(): self[i] = encoder.vision_features(x[None])[0].cpu()
+        return torch.stack([self[i] for i in indices.tolist()]).to(pixels.device)
+
+
+def configure_decoder(decoder: DiffusionDecoder,       # the frozen decoder (changed in place)
+                      precision: str = 'no',           # 'bf16': UNet and text encoder weights in bf16 (under bf16 autocast); 'no': as they are
+                      attention: str | None = None,    # 'sdpa' | 'eager' (the reference code's explicit softmax(QK^T)V); None: as it is
+                      checkpointing: bool | None = None, # UNet gradient checkpointing (the reference code's); None: as it is
+                     ) -> DiffusionDecoder:
+    "Set the frozen decoder up for a stage-1 configuration: weight precision, attention kernels, UNet checkpointing."
+    if precision not in ('no', 'bf16'): raise ValueError(f"precision must be 'no' or 'bf16', got {precision!r}")
+    if attention not in (None, 'sdpa', 'eager'): raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    if precision == 'bf16': decoder.unet.to(torch.bfloat16); decoder.text_encoder.to(torch.bfloat16)
+    if attention is not None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+        decoder.unet.set_attn_processor(AttnProcessor2_0() if attention == 'sdpa' else AttnProcessor())
+        decoder.text_encoder.set_attn_implementation(attention)
+    if checkpointing is not None:
+        (decoder.unet.enable_gradient_checkpointing if checkpointing else decoder.unet.disable_gradient_checkpointing)()
+    return decoder
+
+
+def stage1_loss(model: torch.nn.Module,        # the encoder as trained (prepared / compiled, or plain)
+                decoder: DiffusionDecoder,     # the frozen decoder
+                batch: dict,                   # 'pixels' [B, 3, H, W] in [0, 1]; 'latents' (cached) unless `encode_latents`; 'index' for `features`
+                generator: torch.Generator,    # draws t and the noise
+                device: torch.device,          # where the step runs
+                features: FeatureCache | None = None, # cached vision-tower features (frozen tower)
+                encoder: VLVEncoder | None = None,    # the unwrapped encoder, computing the features to cache
+                encode_latents: bool = False,  # run the VAE on the images here (the reference code) instead of reading cached latents
+               ) -> Tensor:                    # scalar loss
+    "Loss of one micro-batch: z = encoder(images), c = text_encoder(z), the frozen UNet's denoising MSE on the image's latents."
+    pixels = batch['pixels'].to(device, non_blocking=True)
+    if encode_latents:
+        size = decoder.image_size
+        x = pixels if pixels.shape[-2:] == (size, size) else \
+            F.interpolate(pixels, size=(size, size), mode='bilinear', antialias=True, align_corners=False).clamp(0, 1)
+        with torch.no_grad(): latents = decoder.encode_images(x)
+    else: latents = batch['latents'].to(device, non_blocking=True)
+    z = model(vision_features=features(encoder, batch['index'], pixels)) if features is not None else model(pixels)
+    return decoder.denoising_loss(latents, decoder.encode_embeddings(z), generator=generator)
+
+
+class LocalRuntime:
+    "What `stage1_step` uses of an `Accelerator`, for one process without Accelerate's global state (benchmarks, checks)."
+    def __init__(self, device: str | torch.device = 'cpu', # where the step runs
+                 mixed_precision: str = 'no',              # 'no' (fp32) | 'bf16' (autocast; fp32 master weights)
+                ):
+        if mixed_precision not in ('no', 'bf16'): raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
+        self.device, self.mixed_precision = torch.device(device), mixed_precision
+    def autocast(self): return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mixed_precision == 'bf16' else contextlib.nullcontext()
+    def no_sync(self, model): return contextlib.nullcontext()
+    def backward(self, loss: Tensor) -> None: loss.backward()
+    def reduce(self, tensor: Tensor, reduction: str = 'mean') -> Tensor: return tensor
+    def clip_grad_norm_(self, parameters, max_norm: float) -> Tensor: return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    def unwrap_model(self, model): return getattr(model, '_orig_mod', model)
+
+
+def micro_seeds(seed: int, step: int, world: int = 1, rank: int = 0, device: str | torch.device = 'cpu',
+               ) -> Callable[[int], torch.Generator]:
+    "`draw` of `stage1_step` as `train_stage1` uses it: seeds dropout / drop-path from (seed, step, chunk), returns the generator of t and the noise."
+    def draw(micro: int) -> torch.Generator:
+        chunk = micro * world + rank
+        torch.manual_seed(int(seeded(seed, step, chunk, 1).initial_seed()))
+        return seeded(seed, step, chunk, 2, device=device)
+    return draw
+
+
+def stage1_step(runtime,                          # an `Accelerator` or a `LocalRuntime`
+                model: torch.nn.Module,           # the encoder being trained (as prepared / compiled)
+                decoder: DiffusionDecoder,        # the frozen decoder, set up by `configure_decoder`
+                optimizer: torch.optim.Optimizer, # AdamW (`make_optimizer`)
+                batches: Iterator[dict],          # this process's micro-batches (`next` is called `grad_accum` times)
+                draw: Callable[[int], torch.Generator], # micro-batch number -> generator of t and the noise (`micro_seeds`)
+                grad_accum: int = 1,              # micro-batches per optimiser step
+                grad_clip: float = 1.0,           # max global gradient norm
+                scheduler=None,                   # stepped after the optimiser, if given
+                features: FeatureCache | None = None, # cached vision-tower features (frozen tower)
+                encoder: VLVEncoder | None = None,    # the unwrapped encoder (computes the features to cache)
+                encode_latents: bool = False,     # run the VAE every step instead of reading cached latents
+                loss_hook: Callable[[Tensor], Tensor] | None = None, # loss -> loss, for fault-injection tests
+                on_nonfinite: Callable[[float, float | None], None] | None = None, # (loss, grad norm) -> raise a better error
+               ) -> tuple[float, float | None]:   # mean loss over processes, gradient norm (None if the runtime clips itself)
+    "One stage-1 optimiser step: forward and backward of every micro-batch, clipping, AdamW; a non-finite loss or norm applies nothing."
+    step_loss = torch.zeros((), device=runtime.device)
+    for micro in range(grad_accum):
+        batch = next(batches)
+        generator = draw(micro)
+        with runtime.no_sync(model) if micro < grad_accum - 1 else contextlib.nullcontext(), runtime.autocast():
+            loss = stage1_loss(model, decoder, batch, generator, runtime.device, features, encoder, encode_latents)
+            if loss_hook is not None: loss = loss_hook(loss)
+        runtime.backward(loss / grad_accum)
+        step_loss += loss.detach() / grad_accum
+    mean_loss = runtime.reduce(step_loss, 'mean').item()
+    grad_norm = runtime.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(grad_norm) if grad_norm is not None else None   # None: DeepSpeed clips internally
+    if not math.isfinite(mean_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if on_nonfinite is not None: on_nonfinite(mean_loss, grad_norm)
+        raise NonFiniteLoss(f"stage-1 step: loss {mean_loss}, gradient norm {grad_norm} (not finite); nothing was applied")
+    optimizer.step()
+    if scheduler is not None: scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm
+
 # %% ../nbs/04_stage1.ipynb #ef9bb58c
 def train_stage1(cfg: Config,                              # the whole config (encoder, stage1, bottleneck, data, run)
                  run_dir: str | Path,                      # outputs go to <run_dir>/stage1
@@ -310,7 +429,7 @@ def train_stage1(cfg: Config,                              # the whole config (e
     # frozen decoder (bf16 weights under bf16 autocast) and data
     decoder = decoder if decoder is not None else load_stage1_decoder(cfg)
     decoder = decoder.to(device)
-    if precision == 'bf16': decoder.unet.to(torch.bfloat16); decoder.text_encoder.to(torch.bfloat16)
+    configure_decoder(decoder, precision)
     data = stage1_dataset(cfg, decoder, cache_dir or default_cache_dir(folder), main, acc.wait_for_everyone)
     data.sample = s.latent_sample   # posterior mean, or a fresh draw from the cached posterior per use
     # encoder, optimiser, schedule
@@ -325,8 +444,7 @@ def train_stage1(cfg: Config,                              # the whole config (e
     end = min(s.steps, stop_after) if stop_after is not None else s.steps
     model, optimizer = acc.prepare(encoder, optimizer)   # the schedule counts optimiser steps itself (not per process)
     if s.compile: model = torch.compile(model); decoder.unet = torch.compile(decoder.unet)
-    cache_features = s.cache_vision_features and not cfg.encoder.train_vision
-    feature_cache: dict[int, Tensor] = {}
+    features = FeatureCache() if s.cache_vision_features and not cfg.encoder.train_vision else None
     # fixed images for the reconstruction grids
     if sample_images is None and main:
         test = make_splits(cfg.data, seed=cfg.run.seed)['test'] if cfg.data.source == 'shapes' else None
@@ -363,37 +481,14 @@ def train_stage1(cfg: Config,                              # the whole config (e
         checkpoint = latest_checkpoint(ckpt_dir)
 
     for step in range(start, end):
-        step_loss = torch.zeros((), device=device)
-        for micro in range(s.grad_accum):
-            batch = next(batches)
-            chunk = micro * world + rank
-            torch.manual_seed(int(seeded(cfg.run.seed, step, chunk, 1).initial_seed()))   # dropout / drop-path
-            generator = seeded(cfg.run.seed, step, chunk, 2, device=device)
-            pixels, latents = batch['pixels'].to(device, non_blocking=True), batch['latents'].to(device, non_blocking=True)
-            sync = micro == s.grad_accum - 1
-            with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
-                if cache_features:
-                    feats = []
-                    for i, x in zip(batch['index'].tolist(), pixels):
-                        if i not in feature_cache:
-                            with torch.no_grad(): feature_cache[i] = acc.unwrap_model(model).vision_features(x[None])[0].cpu()
-                        feats.append(feature_cache[i])
-                    z = model(vision_features=torch.stack(feats).to(device))
-                else:
-                    z = model(pixels)
-                loss = decoder.denoising_loss(latents, decoder.encode_embeddings(z), generator=generator)
-                if step_hook is not None: loss = step_hook(step, loss)
-            acc.backward(loss / s.grad_accum)
-            step_loss += loss.detach() / s.grad_accum
-        mean_loss = acc.reduce(step_loss, 'mean').item()
-        grad_norm = acc.clip_grad_norm_(model.parameters(), s.grad_clip)
-        grad_norm = float(grad_norm) if grad_norm is not None else None   # None: DeepSpeed clips internally
-        if not math.isfinite(mean_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
+        def stop(loss: float, norm: float | None, step: int = step):
             where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"stage 1 stopped at step {step + 1}: loss {mean_loss}, gradient norm {grad_norm} "
+            raise NonFiniteLoss(f"stage 1 stopped at step {step + 1}: loss {loss}, gradient norm {norm} "
                                 f"(not finite); nothing was applied; {where} (resume from it, e.g. with a lower stage1.lr)")
-        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+        hook = partial(step_hook, step) if step_hook is not None else None
+        mean_loss, grad_norm = stage1_step(acc, model, decoder, optimizer, batches, micro_seeds(cfg.run.seed, step, world, rank, device),
+                                           s.grad_accum, s.grad_clip, scheduler, features, acc.unwrap_model(model),
+                                           loss_hook=hook, on_nonfinite=stop)
         done, now = step + 1, time.perf_counter()
         history.append(dict(step=done, loss=mean_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=now - t0))
         window['losses'].append(mean_loss)
