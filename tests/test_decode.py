@@ -236,6 +236,24 @@ def test_with_the_vlv_encoder(cfg, bottleneck):
     assert len(out) == 3 and all(len(t) <= 4 for t in out.token_ids)
 
 
+
+@pytest.mark.parametrize('readout', ['image_tokens', 'queries'])
+def test_whole_encoder_trains_everything_that_makes_z(cfg, bottleneck, readout):
+    "psi+lm+whole-encoder (the supervised captioner): every encoder parameter the readout uses learns, at encoder_lr."
+    ecfg = cfg.encoder.model_copy(update=dict(readout=readout, num_queries=16 if readout == 'image_tokens' else 4))
+    encoder = pytest.importorskip('vlv.encoder').build_encoder(ecfg, bottleneck.text_width)
+    model = Stage2Model(encoder, bottleneck, new_captioner(cfg, bottleneck))
+    groups = model.set_trainable('psi+lm+whole-encoder', lr=1e-3, encoder_lr=5e-4)
+    assert [(g['name'], g['lr']) for g in groups] == [('psi', 1e-3), ('lm', 1e-3), ('encoder', 5e-4)]
+    model.loss({'image': torch.rand(2, 3, 64, 64), 'caption': CAPTIONS}).backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert graded == set(model.trainable_state())
+    unused = {id(p) for p in encoder.decoder_only() + [encoder.queries]} if readout == 'image_tokens' else set()
+    expected = {id(p) for p in encoder.parameters()} - unused
+    assert {id(p) for p in groups[2]['params']} == expected
+    assert model.train().encoder.training and not model.eval().encoder.training
+
+
 def test_caption_embedder_gives_the_text_encoding(bottleneck, cfg):
     model = Stage2Model(CaptionEmbedder(bottleneck), bottleneck, new_captioner(cfg, bottleneck), input_key='caption')
     torch.testing.assert_close(model.conditioning(CAPTIONS), bottleneck.encode_text(CAPTIONS), atol=1e-5, rtol=1e-5)

@@ -253,3 +253,22 @@ def test_project_readme_has_one_results_block():
     text = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     assert text.count(ev.RESULTS_START) == 1 and text.count(ev.RESULTS_END) == 1
     assert text.index(ev.RESULTS_START) < text.index(ev.RESULTS_END)
+
+
+def test_studies_in_parallel_equal_studies_in_turn(tmp_path):
+    "run_studies: distinct runs once, the same summaries from two worker processes as from one, finished runs reused."
+    small = get_config('smoke', 'decode.lm=random decode.lm_width=32 decode.lm_layers=1 decode.lm_intermediate=64 decode.steps=2 '
+                                'decode.eval_batch_size=4 experiments.study_scenes=4')
+    jobs = {'psi+lm': (small, None), 'again': (small, None),
+            'psi': (get_config('smoke', 'decode.lm=random decode.lm_width=32 decode.lm_layers=1 decode.lm_intermediate=64 '
+                                        'decode.steps=2 decode.eval_batch_size=4 experiments.study_scenes=4 decode.train=psi'), None)}
+    serial = ev.run_studies(jobs, tmp_path / 'serial', workers=1, progress=False)
+    parallel = ev.run_studies(jobs, tmp_path / 'parallel', workers=2, progress=False)
+    assert len(list((tmp_path / 'parallel').iterdir())) == 2
+    strip = lambda r: {k: v for k, v in r.items() if k != 'seconds'} | {     # timings differ, nothing else may
+        'scores': {split: {k: v for k, v in s.items() if k != 'captions_per_second'} for split, s in r['scores'].items()}}
+    assert {n: strip(r) for n, r in serial.items()} == {n: strip(r) for n, r in parallel.items()}
+    assert serial['psi']['train'] == 'psi' and serial['psi+lm']['scores']['held-out']['n_scenes'] == 4
+    assert ev.run_studies(jobs, tmp_path / 'serial', workers=2, progress=False) == serial
+    with pytest.raises(FileNotFoundError, match='no saved encoder'):
+        ev.study_spec(small, tmp_path / 'nowhere')

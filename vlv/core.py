@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['PRESETS', 'Section', 'RunConfig', 'DataConfig', 'BottleneckConfig', 'TeacherConfig', 'DecodeConfig', 'EncoderConfig',
-           'Stage1Config', 'Config', 'parse_overrides', 'get_config', 'set_seed', 'get_device', 'autocast_dtype',
-           'pil_to_tensor', 'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder',
-           'save_json', 'project_root', 'get_run_dir']
+           'Stage1Config', 'ExperimentsConfig', 'Config', 'parse_overrides', 'get_config', 'set_seed', 'get_device',
+           'autocast_dtype', 'pil_to_tensor', 'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write',
+           'atomic_folder', 'save_json', 'project_root', 'get_run_dir']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -122,11 +122,12 @@ class DecodeConfig(Section):
     lm_intermediate: int = Field(512, ge=8)                # MLP width
     lm_max_positions: int = Field(128, ge=8)               # longest prefix + caption the LM takes
     psi_hidden: int | None = None                          # psi's hidden width; None -> the LM width (paper: 2048)
-    train: Literal['psi', 'psi+lm', 'psi+lm+encoder'] = 'psi+lm'  # what stage 2 trains (paper Table 4 right)
+    train: Literal['psi', 'psi+lm', 'psi+lm+encoder', 'psi+lm+whole-encoder'] = 'psi+lm'  # what stage 2 trains (paper Table 4 right; whole-encoder: end to end)
     cache_conditioning: bool = True                        # with a frozen encoder, compute c once for all captioned images
     paraphrase: bool = False                               # rewrite each training caption at every use (Shapes grammar, caption text only; 05_decode)
     lr: float = Field(3e-4, gt=0)                          # LM and encoder language-model learning rate
     psi_lr: float = Field(1e-3, gt=0)                      # psi learning rate (psi starts from random init)
+    encoder_lr: float | None = Field(None, gt=0)           # the encoder's parameters when stage 2 trains them; None -> lr
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
     steps: int = Field(1500, ge=1)                         # optimiser steps (cosine decay to zero at the end)
@@ -233,6 +234,21 @@ class Stage1Config(Section):
         return self
 
 
+class ExperimentsConfig(Section):
+    "The paper's experiments on the toy world (nbs/06_eval): short stage-2 runs compared at equal budgets."
+    study_steps: int = Field(500, ge=1)                    # stage-2 steps of every study run (the main run: decode.steps)
+    study_scenes: int = Field(500, ge=1)                   # held-in / held-out test scenes captioned per study run
+    caption_budget: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0) # caption fractions of the budget curve
+    supervised_lr: float = Field(5e-4, gt=0)               # encoder learning rate of the supervised captioner (random init)
+    workers: int = Field(2, ge=1)                          # study runs in parallel processes (one torch thread each)
+
+    @model_validator(mode='after')
+    def _fractions(self):
+        if not self.caption_budget or any(not 0 < f <= 1 for f in self.caption_budget):
+            raise ValueError(f"caption_budget must list fractions in (0, 1], got {self.caption_budget}")
+        return self
+
+
 class Config(Section):
     "A whole experiment: one section per part of the method."
     preset: Literal['smoke', 'toy', 'paper'] = 'smoke'
@@ -243,6 +259,7 @@ class Config(Section):
     decode: DecodeConfig = DecodeConfig()
     encoder: EncoderConfig = EncoderConfig()
     stage1: Stage1Config = Stage1Config()
+    experiments: ExperimentsConfig = ExperimentsConfig()
 
 # %% ../nbs/00_core.ipynb #4f5fd565
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -255,6 +272,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     ablation_steps=2, ablation_scenes=8),
         decode=dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, eval_scenes=16, eval_batch_size=16,
                     lm_steps=3, lm_batch_size=8, lm_warmup_steps=1, paraphrase=True),
+        experiments=dict(study_steps=3, study_scenes=8, caption_budget=(0.25, 1.0), workers=1),
         data=dict(n_train=64, n_test=32, n_heldout_test=16),
         bottleneck=dict(sample_steps=4),
         teacher=dict(vae_steps=3, vae_batch_size=8, latent_pool=64, unet_steps=3, unet_batch_size=8,
@@ -267,7 +285,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      position_init_std=1.0),
         stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16, 32), ablation_steps=800, ablation_scenes=200),
         # stage 2 from a random-init LM of the toy LM's size, on paraphrased captions (evidence in nbs/05_decode)
-        decode=dict(lr=2e-3, lm='random', paraphrase=True),
+        decode=dict(lr=2e-3, lm='random', paraphrase=True, encoder_lr=1e-4),   # encoder_lr: 2e-3 wrecks the stage-1 encoder
         data=dict(n_train=20_000, n_test=500, n_heldout_test=500),
     ),
     'paper': dict(

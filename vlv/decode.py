@@ -34,9 +34,9 @@ from .teacher import warmup_cosine
 # %% auto #0
 __all__ = ['TRAINABLE', 'lm_tokenizer', 'caption_ids', 'pad_batch', 'lm_config', 'build_lm', 'lm_path', 'save_lm',
            'load_tokenizer', 'load_lm', 'build_psi', 'CaptionDecoder', 'Captions', 'hf_generate',
-           'encoder_language_model_parameters', 'Stage2Model', 'load_weights', 'save_checkpoint', 'load_checkpoint',
-           'save_vlv', 'load_vlv', 'paraphrase', 'captioned_indices', 'make_batch', 'conditioning_cache',
-           'train_stage2', 'caption_scores', 'CaptionEmbedder']
+           'encoder_language_model_parameters', 'whole_encoder_parameters', 'Stage2Model', 'load_weights',
+           'save_checkpoint', 'load_checkpoint', 'save_vlv', 'load_vlv', 'paraphrase', 'captioned_indices',
+           'make_batch', 'conditioning_cache', 'train_stage2', 'caption_scores', 'CaptionEmbedder']
 
 # %% ../nbs/05_decode.ipynb #ec44d0ea
 def lm_tokenizer(words: Iterable[str] = CAPTION_WORDS, # every word captions may contain
@@ -299,7 +299,7 @@ def generate(self: CaptionDecoder,
     return self.decode_new_tokens(new_ids)
 
 # %% ../nbs/05_decode.ipynb #b6d064b0
-TRAINABLE = ('psi', 'psi+lm', 'psi+lm+encoder')
+TRAINABLE = ('psi', 'psi+lm', 'psi+lm+encoder', 'psi+lm+whole-encoder')
 
 
 def encoder_language_model_parameters(encoder: nn.Module, # the VLV encoder
@@ -311,6 +311,17 @@ def encoder_language_model_parameters(encoder: nn.Module, # the VLV encoder
         raise ValueError(f"{type(encoder).__name__} has no `language_model` submodule and no `language_model_parameters()` "
                          "method: it cannot be trained in stage 2 (decode.train='psi+lm+encoder')")
     return list(encoder.get_submodule(found[0]).parameters())
+
+
+
+def whole_encoder_parameters(encoder: nn.Module, # the encoder
+                            ) -> list[nn.Parameter]: # every parameter its forward pass uses
+    "All the encoder's parameters that make z: for a `VLVEncoder`, every part but those its readout leaves unused."
+    if not callable(getattr(encoder, 'parts', None)): return list(encoder.parameters())
+    parts = encoder.parts()
+    chosen = [*parts['vision'], *parts['image_projector'], *encoder.language_model_parameters(), *parts['projector']]
+    if encoder.cfg.readout == 'queries': chosen += parts['queries']
+    return list({id(p): p for p in chosen}.values())   # tied weights once
 
 
 class Stage2Model(nn.Module):
@@ -329,13 +340,16 @@ class Stage2Model(nn.Module):
     def set_trainable(self, what: str = 'psi+lm', # one of TRAINABLE
                       lr: float = 1e-5,           # LM and encoder learning rate
                       psi_lr: float | None = None, # psi learning rate; None -> lr
+                      encoder_lr: float | None = None, # encoder learning rate; None -> lr
                      ) -> list[dict]:             # optimiser parameter groups (psi first)
         "Freeze everything but what stage 2 trains; return the optimiser's parameter groups."
         if what not in TRAINABLE: raise ValueError(f"unknown decode.train {what!r}; choose one of {TRAINABLE}")
         self.requires_grad_(False)
         groups = [dict(params=list(self.caption_decoder.psi.parameters()), lr=psi_lr or lr, name='psi')]
         if 'lm' in what: groups.append(dict(params=list(self.caption_decoder.lm.parameters()), lr=lr, name='lm'))
-        if 'encoder' in what: groups.append(dict(params=encoder_language_model_parameters(self.encoder), lr=lr, name='encoder'))
+        if 'encoder' in what:
+            params = whole_encoder_parameters(self.encoder) if what.endswith('whole-encoder') else encoder_language_model_parameters(self.encoder)
+            groups.append(dict(params=params, lr=encoder_lr or lr, name='encoder'))
         for group in groups:
             for p in group['params']: p.requires_grad_(True)
         self.trains = what
@@ -545,7 +559,7 @@ def train_stage2(model: Stage2Model,      # the captioner (on its device)
     "Stage-2 training with checkpoint/resume; returns the whole history (including resumed steps)."
     d, device = cfg.decode, model.caption_decoder.device
     indices = captioned_indices(dataset)
-    groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr)
+    groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr, encoder_lr=d.encoder_lr)
     for g in groups: g['initial_lr'] = g['lr']
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=d.weight_decay,
                                   fused=device.type == 'cuda' or None)
@@ -553,8 +567,8 @@ def train_stage2(model: Stage2Model,      # the captioner (on its device)
     if resume and ckpt.exists():
         record = load_checkpoint(ckpt, model, optimizer)
         if record['settings'] != settings:
-            changed = sorted(k for k in {**settings['decode'], **record['settings']['decode']}
-                             if settings['decode'].get(k) != record['settings']['decode'].get(k))
+            now, then, missing = settings['decode'], record['settings']['decode'], object()
+            changed = sorted(k for k in {**now, **then} if now.get(k, missing) != then.get(k, missing))
             raise ValueError(f"{ckpt} was made with other settings (decode: {changed or 'seed / input'}); "
                              "use another run folder, or resume=False to start over")
         history, start = record['history'], record['step']

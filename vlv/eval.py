@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import atomic_write, get_device, pil_to_tensor, project_root, save_json, tensor_to_pil, to_uint8
+from .core import Config, atomic_write, get_device, pil_to_tensor, project_root, save_json, tensor_to_pil, to_uint8
 from .data import ALL_COMBOS, COLOURS, SIZES, Scene, attribute_accuracy, parse_caption, parse_images, score
 from .sources import image_to_tensor
 from .bottleneck import TINY, DiffusionDecoder, make_sampler
@@ -46,7 +46,8 @@ __all__ = ['PTB_PUNCTUATION', 'COCO_METRICS', 'MATCH_KEYS', 'ORACLE_FEATURES', '
            'fid', 'clip_score', 'decoder_pipeline', 'tiny_pipeline', 'load_pipeline', 'generate_images',
            'text_to_image_fid', 'feature_extractor_for', 'read_captions_json', 'eval_files', 'add_eval_arguments',
            'eval_command', 'gather_metrics', 'format_value', 'metrics_markdown', 'timing_table', 'save_figures',
-           'write_report', 'update_readme', 'add_readme_arguments', 'readme_command']
+           'write_report', 'update_readme', 'add_readme_arguments', 'readme_command', 'study_spec', 'spec_name',
+           'stage2_study', 'run_studies']
 
 # %% ../nbs/06_eval.ipynb #d8ae0881
 class MissingJavaWarning(UserWarning):
@@ -961,3 +962,88 @@ def _register_readme() -> None:
 
 
 _register_readme()
+
+# %% ../nbs/06_eval.ipynb #57b8dbeb
+def study_spec(cfg: Config,                # the variant's whole config
+               encoder: str | Path | None, # a saved stage-1 encoder folder, or None (random init)
+              ) -> dict:                   # what makes a study run what it is
+    "The config and the encoder's weights digest of a stage-2 study (its cache key)."
+    import hashlib
+    digest = 'random-init'
+    if encoder is not None:
+        h = hashlib.sha256(); path = Path(encoder) / 'model.safetensors'
+        if not path.is_file(): raise FileNotFoundError(f"no saved encoder at {encoder} (expected model.safetensors)")
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+        digest = h.hexdigest()[:16]
+    return dict(config=cfg.model_dump(mode='json'), encoder=digest)
+
+
+def spec_name(spec: dict) -> str:
+    "A short, stable folder name for a JSON-able spec."
+    import hashlib
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage2_study(cfg: Config,                  # the variant's whole config (decode, data.caption_fraction, ...)
+                 folder: str | Path,           # parent folder of study runs; each run lives in a sub-folder named by its spec
+                 encoder: str | Path | None,   # a saved stage-1 encoder folder, or None: a random-init encoder (no stage 1)
+                 progress: bool = False,       # progress bar of the training
+                ) -> dict:                     # summary: steps, seconds, final_loss, captioned, held-in / held-out scores
+    "Train one stage-2 variant (`decode.steps` steps) and score its captions of the test scenes; a finished run is reused."
+    from vlv.decode import CaptionDecoder, Stage2Model, caption_scores, captioned_indices, load_lm, train_stage2
+    from vlv.encoder import build_encoder, load_encoder
+    from vlv.stage1 import load_stage1_decoder
+    from vlv.data import make_splits
+    spec = study_spec(cfg, encoder)
+    run_dir = Path(folder) / spec_name(spec)
+    if (run_dir / 'summary.json').exists(): return json.loads((run_dir / 'summary.json').read_text())
+    device = get_device(cfg.run.device)
+    teacher = load_stage1_decoder(cfg, device=device)
+    vlv_encoder = (load_encoder(encoder, cfg.encoder, device=device) if encoder is not None
+                   else build_encoder(cfg.encoder, teacher.text_width, seed=cfg.run.seed).to(device))
+    lm, tokenizer = load_lm(cfg.decode, device=device, seed=cfg.run.seed)
+    model = Stage2Model(vlv_encoder, teacher, CaptionDecoder(lm, tokenizer, teacher.text_width, cfg.decode.psi_hidden,
+                                                            seed=cfg.run.seed).to(device))
+    splits = make_splits(cfg.data, seed=cfg.run.seed)
+    t0 = time.perf_counter()
+    history = train_stage2(model, splits['train'], cfg, run_dir, resume=True, progress=progress)
+    n = cfg.experiments.study_scenes
+    scores = {label: caption_scores(model, splits[split], n, cfg.decode.eval_batch_size, cfg.decode.max_new_tokens,
+                                    cfg.decode.num_beams, progress=False)[0]
+              for split, label in (('test', 'held-in'), ('heldout_test', 'held-out'))}
+    summary = dict(steps=len(history), seconds=time.perf_counter() - t0, final_loss=float(np.mean([h['loss'] for h in history[-50:]])),
+                   captioned=int(len(captioned_indices(splits['train']))), train=cfg.decode.train,
+                   encoder='stage 1' if encoder is not None else 'random init', scores=scores, spec=spec)
+    save_json(summary, run_dir / 'summary.json')
+    shutil.rmtree(run_dir / 'checkpoint', ignore_errors=True)   # a finished study keeps its summary only
+    return summary
+
+
+def _study_worker(job: tuple) -> dict:
+    "One study in a worker process, with one torch thread (the workers share the CPU cores)."
+    torch.set_num_threads(1)
+    return stage2_study(*job)
+
+
+def run_studies(jobs: Mapping[str, tuple[Config, str | Path | None]], # name -> (config, stage-1 encoder folder or None)
+                folder: str | Path,      # parent folder of the study runs
+                workers: int = 1,        # parallel processes (1: in this process)
+                progress: bool = True,   # one progress bar over the runs
+               ) -> dict[str, dict]:     # name -> `stage2_study` summary
+    "Run stage-2 studies, each distinct one once, in parallel processes when `workers` > 1; finished ones are reused."
+    keys = {name: spec_name(study_spec(cfg, encoder)) for name, (cfg, encoder) in jobs.items()}
+    unique = {key: jobs[name] for name, key in reversed(keys.items())}     # one run per distinct spec
+    done, bar = {}, tqdm(total=len(unique), desc='stage-2 studies', disable=not progress)
+    if workers <= 1 or len(unique) == 1:
+        for key, (cfg, encoder) in unique.items(): done[key] = stage2_study(cfg, folder, encoder); bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(min(workers, len(unique)), mp_context=multiprocessing.get_context('spawn')) as pool:
+            futures = {pool.submit(_study_worker, (cfg, str(folder), None if encoder is None else str(encoder))): key
+                       for key, (cfg, encoder) in unique.items()}
+            for future in as_completed(futures): done[futures[future]] = future.result(); bar.update(1)
+    bar.close()
+    return {name: done[key] for name, key in keys.items()}
+
