@@ -195,3 +195,14 @@ def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path):
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): torch.testing.assert_close(plain.encoder.eval()(images), cached.encoder.eval()(images), atol=1e-5, rtol=0)
     assert not any(p.requires_grad for p in cached.encoder.parts()['vision'])
+
+
+def test_study_runs_in_parallel_match_one_after_another(decoder, tmp_path):
+    "The query ablation's short runs give the same summaries in two worker processes as one after another here."
+    cfgs = {n: tiny_cfg(f'encoder.readout=queries encoder.num_queries={n} stage1.steps=2 stage1.checkpoint_every=2 '
+                        'stage1.sample_every=2') for n in (2, 4)}
+    serial = S.study_runs(cfgs, tmp_path / 'a', decoder, 4, 1.0, workers=1)      # caches the latents first
+    parallel = S.study_runs(cfgs, tmp_path / 'b', decoder, 4, 1.0, workers=2)
+    strip = lambda r: {k: v for k, v in r.items() if k != 'seconds'}
+    assert {n: strip(r) for n, r in serial.items()} == {n: strip(r) for n, r in parallel.items()}
+    assert [r['steps'] for r in serial.values()] == [2, 2]

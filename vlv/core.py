@@ -287,6 +287,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # stage 2 from a random-init LM of the toy LM's size, on paraphrased captions (evidence in nbs/05_decode)
         decode=dict(lr=2e-3, lm='random', paraphrase=True, encoder_lr=1e-4),   # encoder_lr: 2e-3 wrecks the stage-1 encoder
         data=dict(n_train=20_000, n_test=500, n_heldout_test=500),
+        bottleneck=dict(sample_steps=20),   # DDIM 20 draws the toy teacher as well as 50 (0.995 / 0.970 on 200 scenes, 2.3x faster)
     ),
     'paper': dict(
         encoder=dict(pretrained='florence-community/Florence-2-large', image_size=768,

@@ -39,7 +39,7 @@ __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'shapes_keys', 'default_cache_di
            'reconstruct', 'save_grid', 'load_stage1_decoder', 'FeatureCache', 'configure_decoder', 'stage1_loss',
            'LocalRuntime', 'micro_seeds', 'stage1_step', 'train_stage1', 'eval_sets', 'evaluate_encoder',
            'teacher_caption_scores', 'add_stage1_arguments', 'stage1_command', 'main', 'accelerate_config',
-           'image_share', 'study_run', 'probe_images_for']
+           'image_share', 'study_run', 'study_runs', 'probe_images_for']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def shapes_keys(dataset) -> list[str]:
@@ -544,15 +544,16 @@ def teacher_caption_scores(decoder: DiffusionDecoder, cfg: Config,
                           ) -> tuple[dict, str]:   # {split: {guidance: scores}}, where they come from
     "The teacher's oracle scores when drawing the eval scenes from their ground-truth captions."
     from vlv.bottleneck import teacher_path
-    from vlv.teacher import caption_to_image_scores
+    from vlv.teacher import caption_to_image_scores, recorded_sample_scores
     b, s, scores = cfg.bottleneck, cfg.stage1, {}
     record_path = teacher_path() / 'training.json'
     toy = get_config('toy')
     if (b.pretrained is None and record_path.exists() and cfg.data == toy.data and b == toy.bottleneck
             and cfg.run.seed == toy.run.seed and s.eval_scenes == toy.teacher.eval_scenes and tuple(s.eval_guidance) == (b.guidance,)):
         record = json.loads(record_path.read_text())
-        if record.get('preset') == 'toy' and not record.get('overrides') and record.get('seed') == cfg.run.seed:
-            return ({name: {float(b.guidance): record['sample_scores'][name]} for name in ('held-in', 'held-out')},
+        recorded = recorded_sample_scores(record, b.sampler, b.sample_steps, b.guidance)
+        if record.get('preset') == 'toy' and not record.get('overrides') and record.get('seed') == cfg.run.seed and recorded:
+            return ({name: {float(b.guidance): recorded[name]} for name in ('held-in', 'held-out')},
                     f"recorded in {record_path.name} of the shipped teacher ({b.sampler}, {b.sample_steps} steps, guidance {b.guidance})")
     for name, (images, scenes, captions) in eval_sets(cfg, s.eval_scenes).items():
         scores[name] = {float(g): caption_to_image_scores(decoder, captions, scenes, g, b.sample_steps, b.sampler, s.eval_batch_size,
@@ -654,6 +655,29 @@ def study_run(cfg: Config,              # the run's whole config
     save_json(summary, run_dir / 'summary.json')
     return summary
 
+
+
+def _study_run_worker(job: tuple) -> dict:
+    "`study_run` in a worker process, with one torch thread and its own frozen decoder."
+    torch.set_num_threads(1)
+    cfg, folder, n_scenes, guidance = job
+    return study_run(cfg, Path(folder), load_stage1_decoder(cfg), n_scenes, guidance)
+
+
+def study_runs(cfgs: dict,                   # name -> the run's whole config
+               folder: Path,                 # parent folder of the short runs
+               decoder: DiffusionDecoder,    # the frozen decoder (used in this process)
+               n_scenes: int,                # held-in test scenes scored
+               guidance: float,              # CFG scale of the scoring
+               workers: int = 1,             # parallel processes, one torch thread each (1: one after another, here)
+              ) -> dict:                     # name -> `study_run` summary
+    "`study_run` of several configs, in parallel worker processes when `workers` > 1 (the latents must be cached already)."
+    if workers <= 1 or len(cfgs) == 1: return {n: study_run(c, folder, decoder, n_scenes, guidance) for n, c in cfgs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(workers, len(cfgs)), mp_context=multiprocessing.get_context('spawn')) as pool:
+        futures = {n: pool.submit(_study_run_worker, (c, str(folder), n_scenes, guidance)) for n, c in cfgs.items()}
+        return {n: f.result() for n, f in futures.items()}
 
 def probe_images_for(cfg: Config, n: int = 64) -> Tensor:
     "The first `n` held-in test images (for `image_share`)."

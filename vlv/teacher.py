@@ -27,7 +27,7 @@ from .bottleneck import DiffusionDecoder, load_decoder, make_word_tokenizer, tea
 # %% auto #0
 __all__ = ['scene_batch', 'warmup_cosine', 'train_vae', 'set_latent_scaling', 'new_teacher', 'reconstruction_scores',
            'encode_pool', 'ema_decay', 'validation_loss', 'train_text_to_image', 'caption_to_image_scores',
-           'save_teacher', 'folder_megabytes']
+           'sampling_key', 'recorded_sample_scores', 'save_teacher', 'folder_megabytes']
 
 # %% ../nbs/03a_teacher.ipynb #e6d1b909
 def scene_batch(rng: np.random.Generator,        # source of randomness
@@ -205,6 +205,22 @@ def caption_to_image_scores(decoder: DiffusionDecoder, # the text-to-image model
     images = torch.cat(images)
     rate = len(images) / (time.time() - start)
     return score(parse_images(images), list(scenes)), images, rate
+
+
+def sampling_key(sampler: str, steps: int, guidance: float) -> str:
+    "How a record names sampling settings, e.g. 'ddim-50-g2'."
+    return f"{sampler}-{steps}-g{guidance:g}"
+
+
+def recorded_sample_scores(record: dict,    # a teacher's training.json
+                           sampler: str,    # 'ddim' | 'ddpm' | 'dpmpp'
+                           steps: int,      # sampler steps
+                           guidance: float, # CFG scale
+                          ) -> dict | None: # {'held-in': scores, 'held-out': scores}, or None if not recorded
+    "The teacher's recorded oracle scores at these sampling settings (`sample_scores`: as trained, DDIM 50, guidance 2)."
+    recorded = dict(record.get('sample_scores_at', {}))
+    if 'sample_scores' in record: recorded.setdefault(sampling_key('ddim', 50, 2.0), record['sample_scores'])
+    return recorded.get(sampling_key(sampler, steps, guidance))
 
 # %% ../nbs/03a_teacher.ipynb #29ab321f
 def save_teacher(decoder: DiffusionDecoder, # the trained teacher
