@@ -24,8 +24,8 @@ from .core import atomic_folder, atomic_write, pil_to_tensor
 # %% auto #0
 __all__ = ['SAMPLERS', 'WORD_SPECIALS', 'SD21_BASE', 'TINY', 'SD_SUBFOLDERS', 'build_vae', 'build_text_encoder', 'build_unet',
            'build_scheduler', 'make_sampler', 'open_clip_bpe_path', 'clip_bpe_vocab', 'write_clip_tokenizer',
-           'clip_tokenizer', 'make_word_tokenizer', 'DiffusionDecoder', 'image_key', 'vae_fingerprint', 'LatentDataset',
-           'cache_latents', 'teacher_path', 'load_decoder']
+           'clip_tokenizer', 'make_word_tokenizer', 'DiffusionDecoder', 'sampling_precision', 'image_key',
+           'vae_fingerprint', 'LatentDataset', 'cache_latents', 'teacher_path', 'load_decoder']
 
 # %% ../nbs/03_bottleneck.ipynb #beb2d54c
 def build_vae(block_channels: Sequence[int] = (128, 256, 512, 512), # output channels per level (SD 2.1)
@@ -215,6 +215,7 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only {text_encoder.config.vocab_size} rows")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = image_size or unet.config.sample_size * self.vae_scale_factor
+        self.sample_precision = 'fp32'   # autocast of `sample` ('fp32' | 'bf16'); `load_decoder` sets it from the config
         self.freeze()
 
     def freeze(self) -> DiffusionDecoder:
@@ -419,6 +420,19 @@ def decode_latents(self: DiffusionDecoder,
     x = self.vae.decode((latents / self.vae.config.scaling_factor + self._vae_shift()).to(self.vae.dtype)).sample
     return ((x.float() + 1) / 2).clamp(0, 1)
 
+# %% ../nbs/03_bottleneck.ipynb #ecc92f65
+def sampling_precision(precision: str,             # 'fp32' | 'bf16' | 'auto'
+                       device: torch.device | str, # where sampling runs
+                      ) -> str:                    # 'fp32' or 'bf16'
+    "What `sample` computes in: 'auto' is bf16 on CUDA and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32."
+    if precision not in ('fp32', 'bf16', 'auto'): raise ValueError(f"sample precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    if precision != 'auto': return precision
+    device = torch.device(device)
+    if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    native = device.type == 'cpu' and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return 'bf16' if native else 'fp32'
+
+
 # %% ../nbs/03_bottleneck.ipynb #5db3f376
 @patch
 def predict_noise(self: DiffusionDecoder,
@@ -450,6 +464,7 @@ def sample(self: DiffusionDecoder,
            latents: Tensor | None = None,    # initial noise [B, C, h, w] instead of a random draw
            callback: Callable[[int, Tensor, Tensor], None] | None = None, # called (step, t, latents) after each step
            output: str = 'images',           # 'images' -> [B, 3, H, W] in [0, 1]; 'latents' -> scaled latents
+           precision: str | None = None,     # 'fp32' | 'bf16' (autocast) | 'auto'; None -> `self.sample_precision`
           ) -> Tensor:
     "Sample images from `conditioning` with classifier-free guidance."
     self._check_conditioning(conditioning)
@@ -461,7 +476,8 @@ def sample(self: DiffusionDecoder,
     size = size or self.image_size
     if size % self.vae_scale_factor: raise ValueError(f"size {size} is not a multiple of the VAE factor {self.vae_scale_factor}")
     b, s = conditioning.shape[0], size // self.vae_scale_factor
-    with torch.no_grad():
+    bf16 = sampling_precision(precision or self.sample_precision, self.device) == 'bf16' and self.dtype == torch.float32
+    with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = latents.float().to(self.device) if latents is not None else \
             _randn((b, self.latent_channels, s, s), generator, self.device)
         sched.set_timesteps(steps, device=self.device)
@@ -683,5 +699,7 @@ def load_decoder(cfg,                   # bottleneck config section (fields as i
     if pretrained == 'random':
         dec = DiffusionDecoder.from_config(cfg, tokenizer=tokenizer, seed=get('seed', 0) or 0)
         dec = dec.to(dtype=dtype) if dtype is not None else dec
-        return dec.to(device) if device is not None else dec
-    return DiffusionDecoder.from_pretrained(pretrained, image_size=get('image_size'), dtype=dtype, device=device)
+        dec = dec.to(device) if device is not None else dec
+    else: dec = DiffusionDecoder.from_pretrained(pretrained, image_size=get('image_size'), dtype=dtype, device=device)
+    dec.sample_precision = get('sample_precision', 'fp32') or 'fp32'
+    return dec

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,17 +33,17 @@ from jupyter_client.manager import AsyncKernelManager
 from tqdm import tqdm
 
 import vlv
-from .core import PRESETS, project_root, save_json
+from .core import PRESETS, atomic_write, project_root, save_json
 
 # %% auto #0
 __all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED_PACKAGES', 'RUN_EPILOG', 'COMMANDS',
            'COMMAND_MODULES', 'RunError', 'NotebookFailed', 'RunInterrupted', 'notebook_key', 'pipeline_notebooks',
            'project_nbs_dir', 'parse_value', 'notebook_parameters', 'plan_parameters', 'resolve_start',
            'check_resumable', 'CurrentPythonKernelManager', 'kernel_manager_for', 'git_state', 'package_versions',
-           'host_info', 'load_manifest', 'RunPlan', 'plan_run', 'new_manifest', 'execute_notebook', 'execute_run',
-           'run_pipeline', 'Command', 'add_run_arguments', 'parse_parameters', 'run_command', 'collapse_streams',
-           'publish_outputs', 'add_publish_arguments', 'publish_command', 'load_command_modules', 'build_parser',
-           'main']
+           'host_info', 'load_manifest', 'RunPlan', 'plan_run', 'refresh_report_timing', 'new_manifest',
+           'execute_notebook', 'execute_run', 'run_pipeline', 'Command', 'add_run_arguments', 'parse_parameters',
+           'run_command', 'collapse_streams', 'publish_outputs', 'add_publish_arguments', 'publish_command',
+           'load_command_modules', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #3eafbde8
 class RunError(Exception):
@@ -337,6 +338,24 @@ def plan_run(preset: str = 'smoke',                 # smoke | toy | paper, passe
     if not force and not only: check_resumable(previous, earlier, preset, run_dir / 'manifest.json')
     return RunPlan(root, nbs_dir, run_dir, preset, extra, parameters, earlier, previous)
 
+# %% ../nbs/90_cli.ipynb #0a462128
+def refresh_report_timing(run_dir: Path,  # a run folder
+                          manifest: dict, # its final manifest
+                         ) -> bool:       # whether report.md was rewritten
+    "Put the run's final per-notebook times into the '## Run' section of run_dir/report.md (written while its notebook ran)."
+    report = Path(run_dir) / 'report.md'
+    if not report.is_file(): return False
+    text = report.read_text(encoding='utf-8')
+    start = text.find('\n\n## Run\n\n')
+    if start < 0: return False
+    end = text.find('\n\n## ', start + 2)
+    try: from vlv.eval import timing_table
+    except Exception as e: warnings.warn(f"{report}: timing not refreshed ({e})"); return False
+    new = text[:start] + '\n\n## Run\n\n' + timing_table(manifest) + (text[end:] if end >= 0 else '\n')
+    with atomic_write(report, 'w') as f: f.write(new)
+    return True
+
+
 # %% ../nbs/90_cli.ipynb #417311bf
 def _failure_reason(e: BaseException) -> str:
     "'cell N: ErrorType: message' for a papermill cell error, else 'ErrorType: message' (first line, at most 200 chars)."
@@ -415,6 +434,7 @@ def execute_run(plan: RunPlan,                  # from `plan_run`
     def finish(status: str):
         manifest.update(status=status, finished=_now(), seconds=round(time.perf_counter() - t_run, 2))
         save_json(manifest, manifest_path)
+        refresh_report_timing(plan.run_dir, manifest)   # the report was written while its own notebook still ran
 
     with tqdm(plan.parameters.items(), desc='vlv run', unit='notebook', disable=not progress, dynamic_ncols=True) as bar:
         for nb_name, nb_params in bar:

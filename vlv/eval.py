@@ -834,6 +834,10 @@ def timing_table(manifest: Mapping[str, Any], # manifest.json of a run (written 
         status = 'running (when this report was written)' if r.get('status') == 'running' else r.get('status')
         lines.append(f"| {name} | {status}{' (' + format_value(r['error']) + ')' if r.get('error') else ''} | "
                      f"{f'{seconds:.1f}' if isinstance(seconds, (int, float)) else '-'} | {r.get('finished') or '-'} |")
+    records = list((manifest.get('notebooks') or {}).values())
+    if records and all(r.get('status') == 'ok' for r in records):
+        total = sum(r['seconds'] for r in records)
+        lines.append(f"| **all notebooks** | ok | **{total:.1f}** ({total / 60:.1f} min) | |")
     return '\n'.join(lines)
 
 # %% ../nbs/06_eval.ipynb #45192e94
@@ -916,9 +920,12 @@ def update_readme(run_dir: str | Path,                  # a run folder with metr
         manifest = load_manifest(run_dir) or {}
     except Exception: manifest = {}
     git = manifest.get('git') or {}
+    records = (manifest.get('notebooks') or {}).values()
+    total = sum(r['seconds'] for r in records) if records and all(r.get('status') == 'ok' for r in records) else None
     where = ', '.join(x for x in (f"preset `{manifest['preset']}`" if manifest.get('preset') else '',
                                   f"commit `{git['commit'][:10]}`" + (' with uncommitted changes' if git.get('dirty') else '') if git.get('commit') else '',
-                                  f"finished {manifest['finished']}" if manifest.get('finished') else '') if x)
+                                  f"finished {manifest['finished']}" if manifest.get('finished') else '',
+                                  f"notebooks {total / 60:.1f} min in all (per notebook in the report)" if total else '') if x)
     block = [RESULTS_START, f"<!-- written by `vlv readme {run_dir.name}` from runs/{run_dir.name}/metrics.json: edit the run, not this block -->",
              '', f"From run `{run_dir.name}`" + (f" ({where})" if where else '') + f"; the full report is `runs/{run_dir.name}/report.md`.",
              '', metrics_markdown(metrics.get(key, metrics) if isinstance(metrics.get(key), Mapping) else metrics, level=3)]
@@ -1040,8 +1047,9 @@ def run_studies(jobs: Mapping[str, tuple[Config, str | Path | None]], # name -> 
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from vlv.eval import _study_worker as worker   # spawned processes find it by module: the package's, not a notebook's
         with ProcessPoolExecutor(min(workers, len(unique)), mp_context=multiprocessing.get_context('spawn')) as pool:
-            futures = {pool.submit(_study_worker, (cfg, str(folder), None if encoder is None else str(encoder))): key
+            futures = {pool.submit(worker, (cfg, str(folder), None if encoder is None else str(encoder))): key
                        for key, (cfg, encoder) in unique.items()}
             for future in as_completed(futures): done[futures[future]] = future.result(); bar.update(1)
     bar.close()

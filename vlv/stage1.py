@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .core import Config, atomic_folder, atomic_write, get_config, get_run_dir, image_grid, project_root, save_json
 from .data import CAPTION_WORDS, Scene, attribute_accuracy, make_splits, parse_images, score
-from .bottleneck import DiffusionDecoder, LatentDataset, cache_latents, load_decoder, make_word_tokenizer
+from .bottleneck import DiffusionDecoder, LatentDataset, cache_latents, load_decoder, make_word_tokenizer, sampling_precision
 from .encoder import VLVEncoder, build_encoder, load_state, read_safetensors, save_encoder, unique_state
 from .teacher import warmup_cosine
 
@@ -551,10 +551,11 @@ def teacher_caption_scores(decoder: DiffusionDecoder, cfg: Config,
     if (b.pretrained is None and record_path.exists() and cfg.data == toy.data and b == toy.bottleneck
             and cfg.run.seed == toy.run.seed and s.eval_scenes == toy.teacher.eval_scenes and tuple(s.eval_guidance) == (b.guidance,)):
         record = json.loads(record_path.read_text())
-        recorded = recorded_sample_scores(record, b.sampler, b.sample_steps, b.guidance)
+        precision = sampling_precision(decoder.sample_precision, decoder.device)
+        recorded = recorded_sample_scores(record, b.sampler, b.sample_steps, b.guidance, precision)
         if record.get('preset') == 'toy' and not record.get('overrides') and record.get('seed') == cfg.run.seed and recorded:
             return ({name: {float(b.guidance): recorded[name]} for name in ('held-in', 'held-out')},
-                    f"recorded in {record_path.name} of the shipped teacher ({b.sampler}, {b.sample_steps} steps, guidance {b.guidance})")
+                    f"recorded in {record_path.name} of the shipped teacher ({b.sampler}, {b.sample_steps} steps, guidance {b.guidance}, {precision})")
     for name, (images, scenes, captions) in eval_sets(cfg, s.eval_scenes).items():
         scores[name] = {float(g): caption_to_image_scores(decoder, captions, scenes, g, b.sample_steps, b.sampler, s.eval_batch_size,
                                                           seed=cfg.run.seed, progress=False)[0] for g in s.eval_guidance}
@@ -635,22 +636,23 @@ def image_share(encoder: VLVEncoder, images: Tensor) -> dict[str, float]:
 def study_run(cfg: Config,              # the run's whole config
               folder: Path,             # parent folder of short runs; each run lives in a sub-folder named by its config
               decoder: DiffusionDecoder,
-              n_scenes: int,            # held-in test scenes scored
+              n_scenes: int,            # held-in and held-out test scenes scored
               guidance: float,          # CFG scale of the scoring
               progress: bool = False,
              ) -> dict:                 # summary: steps, seconds, final_loss, attribute, exact, object_f1, image_share, history
-    "Train a short stage-1 run and score its held-in reconstructions; a run with the same config and scoring is reused."
+    "Train a short stage-1 run and score its held-in and held-out reconstructions; a run with the same config and scoring is reused."
     spec = dict(config=cfg.model_dump(mode='json'), n_scenes=n_scenes, guidance=guidance)
     run_dir = Path(folder) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     if (run_dir / 'summary.json').exists(): return json.loads((run_dir / 'summary.json').read_text())
     shutil.rmtree(run_dir / 'stage1', ignore_errors=True)
     result = train_stage1(cfg, run_dir, decoder=decoder, progress=progress)
-    scores, _ = evaluate_encoder(result.encoder, decoder, cfg, n_scenes, (guidance,), ('held-in',), progress=False)
-    s = scores['held-in'][float(guidance)]
+    scores, _ = evaluate_encoder(result.encoder, decoder, cfg, n_scenes, (guidance,), ('held-in', 'held-out'), progress=False)
+    s, held_out = scores['held-in'][float(guidance)], scores['held-out'][float(guidance)]
     losses = [h['loss'] for h in result.history]
     summary = dict(steps=cfg.stage1.steps, seconds=result.seconds, final_loss=float(np.mean(losses[-50:])),
                    attribute=attribute_accuracy(s), exact=s['exact_match'], object_f1=s['object_f1'], guidance=guidance,
-                   n_scenes=s['n_scenes'], image_share=image_share(result.encoder, probe_images_for(cfg))['z'],
+                   n_scenes=s['n_scenes'], held_out=dict(attribute=attribute_accuracy(held_out), exact=held_out['exact_match'],
+                                                         object_f1=held_out['object_f1']), image_share=image_share(result.encoder, probe_images_for(cfg))['z'],
                    history=[dict(step=h['step'], loss=h['loss']) for h in result.history], spec=spec)
     save_json(summary, run_dir / 'summary.json')
     return summary
@@ -667,7 +669,7 @@ def _study_run_worker(job: tuple) -> dict:
 def study_runs(cfgs: dict,                   # name -> the run's whole config
                folder: Path,                 # parent folder of the short runs
                decoder: DiffusionDecoder,    # the frozen decoder (used in this process)
-               n_scenes: int,                # held-in test scenes scored
+               n_scenes: int,                # held-in and held-out test scenes scored
                guidance: float,              # CFG scale of the scoring
                workers: int = 1,             # parallel processes, one torch thread each (1: one after another, here)
               ) -> dict:                     # name -> `study_run` summary
@@ -675,8 +677,9 @@ def study_runs(cfgs: dict,                   # name -> the run's whole config
     if workers <= 1 or len(cfgs) == 1: return {n: study_run(c, folder, decoder, n_scenes, guidance) for n, c in cfgs.items()}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from vlv.stage1 import _study_run_worker as worker   # spawned processes find it by module: the package's, not a notebook's
     with ProcessPoolExecutor(min(workers, len(cfgs)), mp_context=multiprocessing.get_context('spawn')) as pool:
-        futures = {n: pool.submit(_study_run_worker, (c, str(folder), n_scenes, guidance)) for n, c in cfgs.items()}
+        futures = {n: pool.submit(worker, (c, str(folder), n_scenes, guidance)) for n, c in cfgs.items()}
         return {n: f.result() for n, f in futures.items()}
 
 def probe_images_for(cfg: Config, n: int = 64) -> Tensor:

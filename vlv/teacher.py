@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .core import Config, get_config, save_json, set_seed, show_images
 from .data import (CAPTION_WORDS, Scene, caption, layouts_to_scenes, make_splits, parse_images, render_layouts,
                       sample_layouts, score)
-from .bottleneck import DiffusionDecoder, load_decoder, make_word_tokenizer, teacher_path
+from .bottleneck import DiffusionDecoder, load_decoder, make_word_tokenizer, sampling_precision, teacher_path
 
 # %% auto #0
 __all__ = ['scene_batch', 'warmup_cosine', 'train_vae', 'set_latent_scaling', 'new_teacher', 'reconstruction_scores',
@@ -207,20 +207,21 @@ def caption_to_image_scores(decoder: DiffusionDecoder, # the text-to-image model
     return score(parse_images(images), list(scenes)), images, rate
 
 
-def sampling_key(sampler: str, steps: int, guidance: float) -> str:
-    "How a record names sampling settings, e.g. 'ddim-50-g2'."
-    return f"{sampler}-{steps}-g{guidance:g}"
+def sampling_key(sampler: str, steps: int, guidance: float, precision: str = 'fp32') -> str:
+    "How a record names sampling settings, e.g. 'ddim-50-g2', 'ddim-20-g2-bf16' (precision as `sampling_precision` resolves it)."
+    return f"{sampler}-{steps}-g{guidance:g}" + ('' if precision == 'fp32' else f'-{precision}')
 
 
 def recorded_sample_scores(record: dict,    # a teacher's training.json
                            sampler: str,    # 'ddim' | 'ddpm' | 'dpmpp'
                            steps: int,      # sampler steps
                            guidance: float, # CFG scale
+                           precision: str = 'fp32', # 'fp32' | 'bf16': what sampling computed in
                           ) -> dict | None: # {'held-in': scores, 'held-out': scores}, or None if not recorded
     "The teacher's recorded oracle scores at these sampling settings (`sample_scores`: as trained, DDIM 50, guidance 2)."
     recorded = dict(record.get('sample_scores_at', {}))
     if 'sample_scores' in record: recorded.setdefault(sampling_key('ddim', 50, 2.0), record['sample_scores'])
-    return recorded.get(sampling_key(sampler, steps, guidance))
+    return recorded.get(sampling_key(sampler, steps, guidance, precision))
 
 # %% ../nbs/03a_teacher.ipynb #29ab321f
 def save_teacher(decoder: DiffusionDecoder, # the trained teacher
