@@ -286,7 +286,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      position_init_std=1.0),
         stage1=dict(eval_guidance=(2.0,), query_ablation=(4, 16), ablation_steps=700, ablation_scenes=100),   # queries learn late (04): >= 700 steps
         # stage 2 from a random-init LM of the toy LM's size, on paraphrased captions (evidence in nbs/05_decode)
-        decode=dict(lr=2e-3, lm='random', paraphrase=True, encoder_lr=1e-4),   # encoder_lr: 2e-3 wrecks the stage-1 encoder
+        decode=dict(lr=2e-3, lm='random', paraphrase=True, encoder_lr=1e-4, num_beams=4),   # 4 beams: held-in F1 0.64 -> 0.79 (05)   # encoder_lr: 2e-3 wrecks the stage-1 encoder
         data=dict(n_train=20_000, n_test=500, n_heldout_test=500),
         bottleneck=dict(sample_steps=20, sample_precision='auto'),   # DDIM 20 draws the toy teacher as well as 50 (0.995 / 0.970 on 200 scenes, 2.3x faster)
     ),
