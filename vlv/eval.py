@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write, get_device, pil_to_tensor, project_root, save_json, tensor_to_pil, to_uint8
+from .core import Config, atomic_write, get_device, pil_to_tensor, process_map, project_root, save_json, tensor_to_pil, to_uint8
 from .data import ALL_COMBOS, COLOURS, SIZES, Scene, attribute_accuracy, parse_caption, parse_images, score
 from .sources import image_to_tensor
 from .bottleneck import TINY, DiffusionDecoder, make_sampler
@@ -45,9 +45,9 @@ __all__ = ['PTB_PUNCTUATION', 'COCO_METRICS', 'MATCH_KEYS', 'ORACLE_FEATURES', '
            'objects_present', 'composition_scores', 'TinyFeatures', 'OracleFeatures', 'image_batches', 'fid_metric',
            'fid', 'clip_score', 'decoder_pipeline', 'tiny_pipeline', 'load_pipeline', 'generate_images',
            'text_to_image_fid', 'feature_extractor_for', 'read_captions_json', 'eval_files', 'add_eval_arguments',
-           'eval_command', 'gather_metrics', 'format_value', 'metrics_markdown', 'timing_table', 'save_figures',
-           'write_report', 'update_readme', 'add_readme_arguments', 'readme_command', 'study_spec', 'spec_name',
-           'stage2_study', 'run_studies']
+           'eval_command', 'gather_metrics', 'format_value', 'metrics_markdown', 'notebooks_seconds', 'timing_table',
+           'save_figures', 'write_report', 'update_readme', 'add_readme_arguments', 'readme_command', 'study_spec',
+           'spec_name', 'stage2_study', 'run_studies']
 
 # %% ../nbs/06_eval.ipynb #d8ae0881
 class MissingJavaWarning(UserWarning):
@@ -819,6 +819,13 @@ def metrics_markdown(metrics: Mapping[str, Any], # nested metrics (what metrics.
     return '\n\n'.join(parts)
 
 
+def notebooks_seconds(manifest: Mapping[str, Any], # manifest.json of a run
+                     ) -> float | None:            # the sum of the notebooks' seconds; None unless every one is ok
+    "The run's time end to end: its notebooks' seconds added up (each ran once, maybe in several `vlv run --from` calls)."
+    records = list((manifest.get('notebooks') or {}).values())
+    return sum(r['seconds'] for r in records) if records and all(r.get('status') == 'ok' for r in records) else None
+
+
 def timing_table(manifest: Mapping[str, Any], # manifest.json of a run (written by `vlv run`)
                 ) -> str:                     # Markdown: a provenance line and a table of seconds per notebook
     "The run's provenance and the status and seconds of each notebook, from `vlv run`'s manifest."
@@ -834,9 +841,7 @@ def timing_table(manifest: Mapping[str, Any], # manifest.json of a run (written 
         status = 'running (when this report was written)' if r.get('status') == 'running' else r.get('status')
         lines.append(f"| {name} | {status}{' (' + format_value(r['error']) + ')' if r.get('error') else ''} | "
                      f"{f'{seconds:.1f}' if isinstance(seconds, (int, float)) else '-'} | {r.get('finished') or '-'} |")
-    records = list((manifest.get('notebooks') or {}).values())
-    if records and all(r.get('status') == 'ok' for r in records):
-        total = sum(r['seconds'] for r in records)
+    if (total := notebooks_seconds(manifest)) is not None:
         lines.append(f"| **all notebooks** | ok | **{total:.1f}** ({total / 60:.1f} min) | |")
     return '\n'.join(lines)
 
@@ -920,8 +925,7 @@ def update_readme(run_dir: str | Path,                  # a run folder with metr
         manifest = load_manifest(run_dir) or {}
     except Exception: manifest = {}
     git = manifest.get('git') or {}
-    records = (manifest.get('notebooks') or {}).values()
-    total = sum(r['seconds'] for r in records) if records and all(r.get('status') == 'ok' for r in records) else None
+    total = notebooks_seconds(manifest)
     where = ', '.join(x for x in (f"preset `{manifest['preset']}`" if manifest.get('preset') else '',
                                   f"commit `{git['commit'][:10]}`" + (' with uncommitted changes' if git.get('dirty') else '') if git.get('commit') else '',
                                   f"finished {manifest['finished']}" if manifest.get('finished') else '',
@@ -1027,12 +1031,6 @@ def stage2_study(cfg: Config,                  # the variant's whole config (dec
     return summary
 
 
-def _study_worker(job: tuple) -> dict:
-    "One study in a worker process, with one torch thread (the workers share the CPU cores)."
-    torch.set_num_threads(1)
-    return stage2_study(*job)
-
-
 def run_studies(jobs: Mapping[str, tuple[Config, str | Path | None]], # name -> (config, stage-1 encoder folder or None)
                 folder: str | Path,      # parent folder of the study runs
                 workers: int = 1,        # parallel processes (1: in this process)
@@ -1041,17 +1039,12 @@ def run_studies(jobs: Mapping[str, tuple[Config, str | Path | None]], # name -> 
     "Run stage-2 studies, each distinct one once, in parallel processes when `workers` > 1; finished ones are reused."
     keys = {name: spec_name(study_spec(cfg, encoder)) for name, (cfg, encoder) in jobs.items()}
     unique = {key: jobs[name] for name, key in reversed(keys.items())}     # one run per distinct spec
-    done, bar = {}, tqdm(total=len(unique), desc='stage-2 studies', disable=not progress)
     if workers <= 1 or len(unique) == 1:
-        for key, (cfg, encoder) in unique.items(): done[key] = stage2_study(cfg, folder, encoder); bar.update(1)
+        done = {key: stage2_study(cfg, folder, encoder)
+                for key, (cfg, encoder) in tqdm(unique.items(), desc='stage-2 studies', disable=not progress)}
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from vlv.eval import _study_worker as worker   # spawned processes find it by module: the package's, not a notebook's
-        with ProcessPoolExecutor(min(workers, len(unique)), mp_context=multiprocessing.get_context('spawn')) as pool:
-            futures = {pool.submit(worker, (cfg, str(folder), None if encoder is None else str(encoder))): key
-                       for key, (cfg, encoder) in unique.items()}
-            for future in as_completed(futures): done[futures[future]] = future.result(); bar.update(1)
-    bar.close()
+        from vlv.eval import stage2_study as study   # the package's, not a notebook's: worker processes import it
+        done = process_map(study, {key: (cfg, str(folder), None if encoder is None else str(encoder))
+                                   for key, (cfg, encoder) in unique.items()}, workers, 'stage-2 studies' if progress else None)
     return {name: done[key] for name, key in keys.items()}
 

@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_folder, atomic_write, get_config, get_run_dir, image_grid, project_root, save_json
+from .core import Config, atomic_folder, atomic_write, get_config, get_run_dir, image_grid, process_map, project_root, save_json
 from .data import CAPTION_WORDS, Scene, attribute_accuracy, make_splits, parse_images, score
 from .bottleneck import DiffusionDecoder, LatentDataset, cache_latents, load_decoder, make_word_tokenizer, sampling_precision
 from .encoder import VLVEncoder, build_encoder, load_state, read_safetensors, save_encoder, unique_state
@@ -659,10 +659,8 @@ def study_run(cfg: Config,              # the run's whole config
 
 
 
-def _study_run_worker(job: tuple) -> dict:
-    "`study_run` in a worker process, with one torch thread and its own frozen decoder."
-    torch.set_num_threads(1)
-    cfg, folder, n_scenes, guidance = job
+def _study_run_worker(cfg: Config, folder: str, n_scenes: int, guidance: float) -> dict:
+    "`study_run` in a worker process, with its own frozen decoder."
     return study_run(cfg, Path(folder), load_stage1_decoder(cfg), n_scenes, guidance)
 
 
@@ -675,12 +673,8 @@ def study_runs(cfgs: dict,                   # name -> the run's whole config
               ) -> dict:                     # name -> `study_run` summary
     "`study_run` of several configs, in parallel worker processes when `workers` > 1 (the latents must be cached already)."
     if workers <= 1 or len(cfgs) == 1: return {n: study_run(c, folder, decoder, n_scenes, guidance) for n, c in cfgs.items()}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from vlv.stage1 import _study_run_worker as worker   # spawned processes find it by module: the package's, not a notebook's
-    with ProcessPoolExecutor(min(workers, len(cfgs)), mp_context=multiprocessing.get_context('spawn')) as pool:
-        futures = {n: pool.submit(worker, (c, str(folder), n_scenes, guidance)) for n, c in cfgs.items()}
-        return {n: f.result() for n, f in futures.items()}
+    from vlv.stage1 import _study_run_worker as worker   # the package's, not a notebook's: worker processes import it
+    return process_map(worker, {n: (c, str(folder), n_scenes, guidance) for n, c in cfgs.items()}, workers)
 
 def probe_images_for(cfg: Config, n: int = 64) -> Tensor:
     "The first `n` held-in test images (for `image_share`)."
