@@ -280,12 +280,15 @@ TEMPLATES = {  # name -> f(objects in caption order, their cell phrases) -> capt
 def caption(scene: Scene,              # the scene to describe (at least one object)
             rng: np.random.Generator,  # picks the template, the object order and the cell phrasings
             template: str | None = None, # force one of TEMPLATES; None picks one at random
+            order: str = 'random',     # objects in random order, or 'reading' order of their cells (top left first)
            ) -> str:
     "Describe `scene` in one sentence."
     if len(scene) == 0: raise ValueError("cannot caption an empty scene")
     if template is None: template = list(TEMPLATES)[rng.integers(len(TEMPLATES))]
     if template not in TEMPLATES: raise ValueError(f"unknown template {template!r}; expected one of {tuple(TEMPLATES)}")
-    objects = [scene.objects[i] for i in rng.permutation(len(scene))]
+    if order not in ('random', 'reading'): raise ValueError(f"unknown object order {order!r}; expected 'random' or 'reading'")
+    objects = ([scene.objects[i] for i in rng.permutation(len(scene))] if order == 'random'
+               else sorted(scene.objects, key=lambda o: o.cell))
     locations = [CELL_PHRASES[CELLS[o.cell]][rng.integers(len(CELL_PHRASES[CELLS[o.cell]]))] for o in objects]
     return TEMPLATES[template](objects, locations)
 

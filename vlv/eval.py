@@ -930,7 +930,7 @@ def update_readme(run_dir: str | Path,                  # a run folder with metr
                                   f"commit `{git['commit'][:10]}`" + (' with uncommitted changes' if git.get('dirty') else '') if git.get('commit') else '',
                                   f"finished {manifest['finished']}" if manifest.get('finished') else '',
                                   f"notebooks {total / 60:.1f} min in all (per notebook in the report)" if total else '') if x)
-    block = [RESULTS_START, f"<!-- written by `vlv readme {run_dir.name}` from runs/{run_dir.name}/metrics.json: edit the run, not this block -->",
+    block = [RESULTS_START, f"<!-- written by `vlv readme runs/{run_dir.name}` from runs/{run_dir.name}/metrics.json: edit the run, not this block -->",
              '', f"From run `{run_dir.name}`" + (f" ({where})" if where else '') + f"; the full report is `runs/{run_dir.name}/report.md`.",
              '', metrics_markdown(metrics.get(key, metrics) if isinstance(metrics.get(key), Mapping) else metrics, level=3)]
     if chosen is not None:
