@@ -496,8 +496,8 @@ def load_vlv(path: str | Path,                          # a folder written by `s
 # %% ../nbs/05_decode.ipynb #e63aec83
 def paraphrase(text: str,                 # a Shapes caption
                rng: np.random.Generator,  # picks template, object order and cell phrasings
-               order: str = 'random',     # objects in random order, or in 'reading' order of their cells
                template: str | None = None, # one of TEMPLATES; None -> a random one
+               order: str = 'random',     # objects in random order, or in 'reading' order of their cells
               ) -> str:                   # the same objects said another way; `text` itself if it does not read whole
     "Rewrite a Shapes caption from its text alone (the grammar's paraphraser; see `decode.paraphrase`)."
     scene = parse_caption(text)
@@ -592,7 +592,7 @@ def train_stage2(model: Stage2Model,      # the captioner (on its device)
         if torch.is_tensor(batch.get('image')): batch['image'] = batch['image'].to(device)
         if d.paraphrase:
             words = np.random.default_rng([cfg.run.seed, step, 1])
-            batch['caption'] = [paraphrase(text, words, d.paraphrase_order, d.paraphrase_template) for text in batch['caption']]
+            batch['caption'] = [paraphrase(text, words, d.paraphrase_template, d.paraphrase_order) for text in batch['caption']]
         scale = warmup_cosine(step, d.steps, d.warmup_steps)
         for g in optimizer.param_groups: g['lr'] = g['initial_lr'] * scale
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):
