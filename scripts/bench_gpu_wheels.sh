@@ -2,7 +2,7 @@
 # Download, here (with network), the wheels that scripts/bench_gpu.sh installs on the GPU machine (no network there).
 # That machine's Python 3.12 already has torch, accelerate, safetensors, tokenizers, huggingface_hub, numpy, pillow,
 # tqdm, pyyaml, aiohttp, ...; vlv needs more (pydantic, diffusers, fastcore, webdataset, papermill for vlv.cli) and
-# the transformers of this checkout (its static KV cache API is what vlv.bench uses). Versions are pinned to this
+# the transformers of this checkout (its static KV cache API is what vlv.fast uses). Versions are pinned to this
 # checkout's venv; the wheels go to .whl/ (git-ignored), which the device call carries.
 #   usage: scripts/bench_gpu_wheels.sh [VENV]      (then: run(command='bash scripts/bench_gpu.sh', carry=['.whl']))
 set -euo pipefail

@@ -26,5 +26,5 @@ fi
 step "3/4 notebooks run (nbdev_test, smoke preset)"
 time nbdev_test --n_workers 2 --timing
 
-step "4/4 pytest"
-pytest -q tests
+step "4/4 pytest (every test, the slow ones too; the 15 slowest listed)"
+time pytest -q --durations=15 tests

@@ -13,15 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import nbformat
 import pytest
 
 import vlv
-from vlv.cli import COMMANDS, Command, RunError, main, parse_value, pipeline_notebooks, plan_run
-
-REPO = Path(vlv.__file__).resolve().parent.parent
+from vlv.cli import COMMANDS, Command, RunError, main, pipeline_notebooks, plan_run
 
 
 def make_notebook(path: Path, parameters: str, body: str, kernelspec: bool = True) -> None:
@@ -67,11 +66,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def cli_env() -> dict[str, str]:
-    "Environment for a `python -m vlv.cli` subprocess that imports this checkout's vlv."
-    return {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))}
-
-
 @pytest.fixture(scope='module')
 def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp('fake') / 'project')
@@ -99,12 +93,6 @@ def test_pipeline_order_and_skipping(tmp_path):
         (tmp_path / name).touch()
     assert [p.name for p in pipeline_notebooks(tmp_path)] == [
         '00_core.ipynb', '03_x.ipynb', '03a_teacher.ipynb', '03b_more.ipynb', '10_late.ipynb', '89_last.ipynb']
-
-
-def test_parse_value_matches_papermill():
-    from papermill.cli import _resolve_type
-    for text in ['3', '-2', '0.5', '1e-3', 'nan', 'True', 'False', 'None', 'true', 'toy', '3,4', '']:
-        assert repr(parse_value(text)) == repr(_resolve_type(text)), text
 
 
 def test_dry_run_plan(project, capsys):
@@ -151,24 +139,40 @@ def test_only_runs_the_named_notebooks(project, tmp_path, capsys):
     assert "'09': no such pipeline notebook" in capsys.readouterr().err
 
 
-def test_help_texts(capsys):
+def test_help_texts(monkeypatch, capsys):
+    "`vlv --help` lists every command of the table and imports none of them; `vlv run --help` shows the options and examples."
+    monkeypatch.setattr(Command, 'load', lambda self, part: pytest.fail(f"`vlv --help` loaded {getattr(self, part)}"))
     with pytest.raises(SystemExit) as e: main(['--help'])
-    assert e.value.code == 0 and 'run' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(name in out for name in COMMANDS)
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as e: main(['run', '--help'])
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(s in out for s in ['--from', '--preset', '-p KEY VALUE', 'examples:', 'manifest.json'])
 
 
+def test_every_command_of_the_table_resolves():
+    "Each row names a function that declares the options, a handler, and (if any) an epilog, all importable."
+    for name, cmd in COMMANDS.items():
+        assert callable(cmd.load('arguments')) and callable(cmd.load('handler')), name
+        if cmd.epilog: assert isinstance(cmd.load('epilog'), str), name
+
+
 def test_adding_a_subcommand(monkeypatch, capsys):
-    def add_arguments(p): p.add_argument('--who', default='world')
+    "A command is one row of the static table: its parts are named 'module:function' and imported when it runs."
+    hello = types.ModuleType('hello_command')   # API: rows of vlv.cli.COMMANDS name 'module:function' (no registration)
+    hello.add_arguments = lambda p: p.add_argument('--who', default='world')
     def handler(args): print(f'hello {args.who}'); return 7
-    monkeypatch.setitem(COMMANDS, 'hello', Command(help='say hello', add_arguments=add_arguments, handler=handler))
+    hello.handler = handler
+    monkeypatch.setitem(sys.modules, 'hello_command', hello)
+    monkeypatch.setitem(COMMANDS, 'hello', Command('say hello', 'hello_command:add_arguments', 'hello_command:handler'))
     assert main(['hello', '--who', 'vlv']) == 7
     assert capsys.readouterr().out == 'hello vlv\n'
 
 
-# --- real runs ---------------------------------------------------------------------------------------------
+# --- real runs (the notebooks run in Jupyter kernels: other processes) -------------------------------------
 
+@pytest.mark.slow
 def test_run_outputs_and_parameters(first_run, project):
     run_dir = first_run['run_dir']
     assert first_run['rc'] == 0
@@ -184,6 +188,7 @@ def test_run_outputs_and_parameters(first_run, project):
     assert len(injected) == 1 and 'extra' not in injected[0].source and "preset = \"toy\"" in injected[0].source
 
 
+@pytest.mark.slow
 def test_manifest_fields(first_run, project):
     m = json.loads((first_run['run_dir'] / 'manifest.json').read_text())
     head = subprocess.run(['git', '-C', str(project), 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
@@ -200,12 +205,14 @@ def test_manifest_fields(first_run, project):
     assert m['argv'][:2] == ['vlv', 'run'] and m['history'] == []
 
 
-def test_failing_resume_via_subprocess(first_run, project):
+@pytest.mark.slow
+def test_failing_resume_via_subprocess(first_run, project, subprocess_env):
     "`python -m vlv.cli run --from 02 -p fail True`: exit 1, names notebook, cell and copy; keeps 01's record."
     shutil.copytree(first_run['run_dir'], project / 'runs' / 'r2')
     before = json.loads((project / 'runs' / 'r2' / 'manifest.json').read_text())
     out = subprocess.run([sys.executable, '-m', 'vlv.cli', 'run', '--preset', 'toy', '--name', 'r2', '--from', '02',
-                          '-p', 'fail', 'True', '--no-progress'], cwd=project, env=cli_env(), capture_output=True, text=True, timeout=120)
+                          '-p', 'fail', 'True', '--no-progress'], cwd=project, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert 'Passed unknown parameter' not in out.stderr  # papermill's regex misses `run_dir: str | None`; we silence it
     assert ('notebook 02_check.ipynb failed (cell 3: AssertionError: asked to fail); '
@@ -219,14 +226,15 @@ def test_failing_resume_via_subprocess(first_run, project):
     assert (project / 'runs' / 'r2' / '02_check.ipynb').exists()
 
 
-def test_ctrl_c_records_interrupted(first_run, project):
+@pytest.mark.slow
+def test_ctrl_c_records_interrupted(first_run, project, subprocess_env):
     "SIGINT while a notebook runs: exit 130, manifest says 'interrupted', no kernel left behind."
     shutil.copytree(first_run['run_dir'], project / 'runs' / 'r3')
     manifest, pid_file = project / 'runs' / 'r3' / 'manifest.json', project / 'runs' / 'r3' / 'kernel.pid'
     pid_file.unlink()
     proc = subprocess.Popen([sys.executable, '-m', 'vlv.cli', 'run', '--preset', 'toy', '--name', 'r3', '--from', '02',
-                             '-p', 'wait', '60', '--no-progress'], cwd=project, env=cli_env(), stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell may ignore SIGINT
+                             '-p', 'wait', '60', '--no-progress'], cwd=project, env=subprocess_env(), stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell may ignore SIGINT
     try:
         deadline = time.time() + 60
         while not pid_file.exists() and time.time() < deadline: time.sleep(0.1)  # the notebook is in its 60 s sleep
@@ -248,6 +256,7 @@ def test_ctrl_c_records_interrupted(first_run, project):
     else: pytest.fail(f'kernel process {kernel_pid} still running after the interrupt')
 
 
+@pytest.mark.slow
 def test_publish_outputs(first_run, project, tmp_path):
     executed = first_run['run_dir'] / '01_record.ipynb'
     nbs = tmp_path / 'nbs'; shutil.copytree(project / 'nbs', nbs)

@@ -4,18 +4,10 @@ import json
 import pytest
 import torch
 
-from vlv.bottleneck import TINY, DiffusionDecoder, make_word_tokenizer
+from vlv.checkpoints import CheckpointMismatch, unique_state
 from vlv.core import get_config
-from vlv.encoder import (PARTS, CheckpointMismatch, VLVEncoder, build_encoder, load_encoder, save_encoder,
-                         unique_state)
-from vlv.data import CAPTION_WORDS
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from vlv.encoder import PARTS, build_encoder, load_encoder, save_encoder
+from vlv.tokenizers import prompt_tokenizer
 
 
 def paper_structure_tiny():
@@ -38,15 +30,17 @@ def images():
 
 
 def test_paper_structure_and_shapes(encoder, images):
+    "The config's structure reaches the model (paper: DaViT depths 1/1/9/1, window 12, 77 queries, frozen tower)."
     cfg = encoder.cfg
     v = encoder.florence.config.vision_config
-    assert tuple(v.depths) == (1, 1, 9, 1) and v.window_size == 12 and len(encoder.vision_tower.blocks) == 4
-    assert encoder.num_queries == 77 and cfg.train_vision is False
+    assert tuple(v.depths) == cfg.vision_depths and v.window_size == cfg.vision_window_size
+    assert len(encoder.vision_tower.blocks) == len(cfg.vision_depths) and encoder.num_queries == cfg.num_queries
+    assert not any(p.requires_grad for p in encoder.parts()['vision']) and not cfg.train_vision
     with torch.no_grad():
         feats = encoder.vision_features(images)   # 64 px in, resized to 96
         z = encoder(images)
-    assert feats.shape == (3, 64, 3, 3)          # 96 / 32
-    assert z.shape == (3, 77, 32)
+    assert feats.shape == (3, cfg.vision_embed_dim[-1], 3, 3)   # 96 / 32
+    assert z.shape == (3, cfg.num_queries, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder(vision_features=feats), z)
     assert encoder.florence.config._attn_implementation == 'sdpa'
@@ -56,7 +50,7 @@ def test_prompt_enters_the_encoder(encoder, images):
     with torch.no_grad(): encoded = encoder.encode(images)
     n_image = 3 * 3 + 1
     assert encoded.shape[1] == n_image + len(encoder.prompt_ids)
-    tokens = make_word_tokenizer([encoder.cfg.prompt]).convert_ids_to_tokens(encoder.prompt_ids.tolist())
+    tokens = prompt_tokenizer(encoder.cfg).convert_ids_to_tokens(encoder.prompt_ids.tolist())
     assert tokens[0] == '<bos>' and tokens[-1] == '<eos>' and 'describe' in tokens
 
 
@@ -72,18 +66,17 @@ def test_trainable_parts_follow_config(encoder):
 
 
 def test_bad_images_are_named(encoder):
-    with pytest.raises(ValueError, match=r'\[B, 3, H, W\]'): encoder(torch.rand(2, 1, 64, 64))
     with pytest.raises(ValueError, match=r'\[B, 3, H, W\]'): encoder(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match='pixels or vision_features'): encoder.encode()
 
 
-def test_z_conditions_the_decoder_with_cfg(encoder, images):
-    "z (N=77 here, or fewer) goes through encode_embeddings; CFG's empty prompt has max_length positions."
-    tokenizer = make_word_tokenizer(CAPTION_WORDS, max_length=77)
-    decoder = DiffusionDecoder.from_config({**TINY, 'vocab_size': 64}, tokenizer=tokenizer)
-    short = build_encoder(paper_structure_tiny().model_copy(update=dict(num_queries=16)), decoder.text_width)
+def test_z_conditions_the_decoder_with_cfg(tiny_decoder, images):
+    "z (N = the text encoder's max_length, or fewer) goes through encode_embeddings; CFG's empty prompt has max_length positions."
+    decoder = tiny_decoder
+    full, short = (build_encoder(paper_structure_tiny().model_copy(update=dict(num_queries=n)), decoder.text_width)
+                   for n in (decoder.max_length, 16))
     with torch.no_grad():
-        for enc in (encoder, short):
+        for enc in (full, short):
             cond = decoder.encode_embeddings(enc(images))
             out = decoder.sample(cond, guidance=2.0, steps=2, seed=0)
             assert out.shape == (3, 3, 64, 64) and torch.isfinite(out).all()
@@ -143,7 +136,6 @@ def test_toy_pixel_statistics_are_the_shapes_worlds():
     mean, std = pixels.mean((0, 1, 2)), pixels.std((0, 1, 2))
     torch.testing.assert_close(mean, torch.tensor(cfg.encoder.pixel_mean), atol=0.005, rtol=0)
     torch.testing.assert_close(std, torch.tensor(cfg.encoder.pixel_std), atol=0.005, rtol=0)
-    assert get_config('paper').encoder.pixel_mean == (0.485, 0.456, 0.406)   # the pretrained tower keeps ImageNet's
 
 
 def test_image_tokens_readout(images, tmp_path):
@@ -166,6 +158,12 @@ def test_image_tokens_readout(images, tmp_path):
     with pytest.raises(ValueError, match='encoder.num_queries=16'): build_encoder(cfg.model_copy(update=dict(num_queries=4)), 32)
 
 
-def test_toy_preset_reads_grid_tokens_paper_reads_queries():
-    assert get_config('toy').encoder.readout == 'image_tokens' and get_config('toy').encoder.num_queries == 16
-    assert get_config('paper').encoder.readout == 'queries' and get_config('paper').encoder.num_queries == 77
+@pytest.mark.parametrize('preset', ['smoke', 'toy', 'paper'])
+def test_each_preset_builds_a_z_its_decoder_reads(preset, encoder):
+    "Each preset's readout builds (image_tokens: num_queries must be the grid its image size gives) and z fits the text encoder."
+    cfg = get_config(preset)
+    ecfg = encoder.cfg if preset == 'paper' else cfg.encoder   # paper: its structure at tiny widths (module fixture)
+    enc = encoder if preset == 'paper' else build_encoder(ecfg, cfg.bottleneck.text_width, seed=0).eval()
+    with torch.no_grad(): z = enc(torch.rand(1, 3, ecfg.image_size, ecfg.image_size))
+    assert z.shape[1] == ecfg.num_queries <= cfg.bottleneck.max_length
+    if ecfg.readout == 'image_tokens': assert enc.grid_tokens == ecfg.num_queries

@@ -201,13 +201,6 @@ def test_bad_files_raise_clear_error_naming_the_file(tmp_path, fname, data, why)
         check_image(tmp_path / fname)
 
 
-def test_truncated_jpeg(tmp_path, jpeg_bytes):
-    (tmp_path / 'cut.jpg').write_bytes(jpeg_bytes[:len(jpeg_bytes) // 2])
-    assert check_image(tmp_path / 'cut.jpg') == (200, 133)   # header is fine ...
-    with pytest.raises(ImageLoadError, match=r"cut\.jpg.*truncated"):  # ... decoding is not
-        load_image(tmp_path / 'cut.jpg')
-
-
 def test_truncated_png_fails_the_cheap_check(tmp_path):
     data = encode(photo('chelsea', 100))
     (tmp_path / 'cut.png').write_bytes(data[:len(data) // 2])
@@ -250,8 +243,7 @@ def test_image_transform_shape_range_and_centre():
 def test_transform_pickles_and_follows_the_config():
     transform = pickle.loads(pickle.dumps(image_transform(24)))
     assert transform(photo('coffee')).shape == (3, 24, 24)
-    assert config_transform(get_config('smoke'))(photo('coffee')).shape == (3, 64, 64)
-    assert config_transform(get_config('paper')).keywords['size'] == 384
+    assert config_transform(get_config('smoke', 'data.image_size=48'))(photo('coffee')).shape == (3, 48, 48)
 
 
 # ---------------------------------------------------------------- folder source
@@ -491,4 +483,3 @@ def test_source_from_config(photo_folder, tmp_path):
     stream = source_from_config(get_config('smoke', {'data.source': 'webdataset', 'data.path': str(tmp_path / 'shard-000.tar'),
                                                      'data.image_size': 32}))
     assert isinstance(stream, WebDatasetSource) and next(iter(stream))['image'].shape == (3, 32, 32)
-    with pytest.raises(ValueError, match='not a real-image source'): source_from_config(get_config('smoke'))

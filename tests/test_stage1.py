@@ -1,8 +1,6 @@
 """Tests of vlv.stage1: resume, multi-process equivalence, NaN handling, checkpoints, CLI (tiny models, CPU)."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,30 +8,13 @@ import pytest
 import torch
 
 import vlv.stage1 as S
-from vlv.core import get_config
-from vlv.encoder import CheckpointMismatch, load_encoder, read_safetensors, unique_state
-
-# a random-init decoder with the SD block structure at tiny widths, tiny data: seconds per run
-TINY_OVERRIDES = ("bottleneck.pretrained=random bottleneck.vae_block_channels=[8,16,32,32] bottleneck.text_width=32 "
-                  "bottleneck.text_layers=1 bottleneck.text_heads=2 bottleneck.unet_block_channels=[8,16,32,32] "
-                  "bottleneck.unet_layers_per_block=1 bottleneck.unet_attention_head_dim=[1,2,4,4] bottleneck.sample_steps=2 "
-                  "data.n_train=32 data.n_test=8 data.n_heldout_test=4 run.device=cpu")
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_cfg(extra: str = ''):
-    return get_config('smoke', f"{TINY_OVERRIDES} {extra}")
-
+from vlv.checkpoints import CheckpointMismatch, read_safetensors, unique_state
+from vlv.encoder import load_encoder
+from vlv.worlds import test_images as shapes_test_images, train_images
 
 @pytest.fixture(scope='module')
-def decoder():
-    return S.load_stage1_decoder(tiny_cfg())
+def decoder(tiny_decoder):
+    return tiny_decoder
 
 
 @pytest.fixture(scope='module')
@@ -41,12 +22,19 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp('latents')
 
 
+def train(cfg, run_dir, decoder, cache, **kwargs):
+    "`train_stage1` on the Shapes training images of `cfg`, with the shared latent cache, without a progress bar."
+    images, keys = train_images(cfg)   # API: train_stage1 takes the training images (and their cache keys) from outside
+    return S.train_stage1(cfg, run_dir, images, keys, decoder=decoder, cache_dir=cache, progress=False, **kwargs)
+
+
 def weights(encoder):
     return {k: v.detach().clone() for k, v in unique_state(encoder)[0].items()}
 
 
-def test_outputs_of_a_run(decoder, cache, tmp_path):
-    result = S.train_stage1(tiny_cfg(), tmp_path, decoder=decoder, cache_dir=cache, progress=False)
+def test_outputs_of_a_run(decoder, cache, tmp_path, tiny_cfg):
+    cfg = tiny_cfg()
+    result = train(cfg, tmp_path, decoder, cache, sample_images=shapes_test_images(cfg, cfg.stage1.sample_images))
     folder = tmp_path / 'stage1'
     assert {'checkpoints', 'encoder', 'log.jsonl'} <= {p.name for p in folder.iterdir()}
     assert sorted(p.name for p in folder.glob('recon-step*.png')) == ['recon-step0000002.png', 'recon-step0000004.png']
@@ -63,13 +51,13 @@ def test_outputs_of_a_run(decoder, cache, tmp_path):
     for k, v in weights(result.encoder).items(): assert torch.equal(v, unique_state(loaded)[0][k]), k
 
 
-def test_resume_is_exact(decoder, cache, tmp_path):
+def test_resume_is_exact(decoder, cache, tmp_path, tiny_cfg):
     "N steps, then resume for N more, gives the same weights as 2N steps in one go (CPU, bit for bit)."
     cfg = tiny_cfg('stage1.steps=6 stage1.checkpoint_every=3 stage1.sample_every=100 encoder.dropout=0.1 encoder.drop_path_rate=0.1')
-    full = S.train_stage1(cfg, tmp_path / 'full', decoder=decoder, cache_dir=cache, progress=False)
-    first = S.train_stage1(cfg, tmp_path / 'resumed', decoder=decoder, cache_dir=cache, progress=False, stop_after=3)
+    full = train(cfg, tmp_path / 'full', decoder, cache)
+    first = train(cfg, tmp_path / 'resumed', decoder, cache, stop_after=3)
     assert first.checkpoint.name == 'step-0000003'
-    second = S.train_stage1(cfg, tmp_path / 'resumed', decoder=decoder, cache_dir=cache, progress=False, resume=True)
+    second = train(cfg, tmp_path / 'resumed', decoder, cache, resume=True)
     a, b = weights(full.encoder), weights(second.encoder)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h['loss'] for h in full.history] == [h['loss'] for h in first.history + second.history]
@@ -77,38 +65,36 @@ def test_resume_is_exact(decoder, cache, tmp_path):
     assert log == [1, 2, 3, 4, 5, 6]
 
 
-def test_refuses_to_overwrite_and_to_resume_without_checkpoint(decoder, cache, tmp_path):
+def test_resume_without_a_checkpoint_is_refused(decoder, cache, tmp_path, tiny_cfg):
+    "(nbs/04_stage1 checks the other way round: a second run into a folder with checkpoints needs resume=True.)"
     with pytest.raises(FileNotFoundError, match='no checkpoint'):
-        S.train_stage1(tiny_cfg(), tmp_path, decoder=decoder, cache_dir=cache, progress=False, resume=True)
-    S.train_stage1(tiny_cfg('stage1.steps=2'), tmp_path, decoder=decoder, cache_dir=cache, progress=False)
-    with pytest.raises(FileExistsError, match='resume=True'):
-        S.train_stage1(tiny_cfg('stage1.steps=2'), tmp_path, decoder=decoder, cache_dir=cache, progress=False)
+        train(tiny_cfg(), tmp_path, decoder, cache, resume=True)
 
 
-def test_resume_with_another_config_is_refused(decoder, cache, tmp_path):
-    S.train_stage1(tiny_cfg(), tmp_path, decoder=decoder, cache_dir=cache, progress=False, stop_after=2)
+def test_resume_with_another_config_is_refused(decoder, cache, tmp_path, tiny_cfg):
+    train(tiny_cfg(), tmp_path, decoder, cache, stop_after=2)
     with pytest.raises(ValueError, match=r'encoder.num_queries: checkpoint 4 vs now 8'):
-        S.train_stage1(tiny_cfg('encoder.num_queries=8'), tmp_path, decoder=decoder, cache_dir=cache, progress=False, resume=True)
+        train(tiny_cfg('encoder.num_queries=8'), tmp_path, decoder, cache, resume=True)
     # the weights themselves are checked strictly too: a checkpoint of another shape names keys and shapes
     with pytest.raises(CheckpointMismatch, match=r'queries: checkpoint \[1, 4, 32\] vs model \[1, 8, 32\]'):
         load_encoder(tmp_path / 'stage1' / 'checkpoints' / 'step-0000002' / 'encoder', cfg=tiny_cfg('encoder.num_queries=8').encoder)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(decoder, cache, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(decoder, cache, tmp_path, tiny_cfg):
     cfg = tiny_cfg('stage1.steps=6 stage1.checkpoint_every=2')
     hook = lambda step, loss: loss * float('nan') if step == 3 else loss   # the 4th step goes bad
     with pytest.raises(S.NonFiniteLoss, match=r'step 4.*last good checkpoint is .*step-0000002'):
-        S.train_stage1(cfg, tmp_path, decoder=decoder, cache_dir=cache, progress=False, step_hook=hook)
+        train(cfg, tmp_path, decoder, cache, step_hook=hook)
     ckpts = tmp_path / 'stage1' / 'checkpoints'
     assert json.loads((ckpts / 'latest.json').read_text())['step'] == 2
     assert sorted(p.name for p in ckpts.glob('step-*')) == ['step-0000002']
     w, _ = read_safetensors(ckpts / 'step-0000002' / 'encoder' / 'model.safetensors')
     assert all(torch.isfinite(t).all() for t in w.values() if t.is_floating_point())
-    resumed = S.train_stage1(cfg, tmp_path, decoder=decoder, cache_dir=cache, progress=False, resume=True)
+    resumed = train(cfg, tmp_path, decoder, cache, resume=True)
     assert resumed.history[0]['step'] == 3 and all(torch.isfinite(torch.tensor(h['loss'])) for h in resumed.history)
 
 
-def test_crash_while_checkpointing_keeps_the_previous_one(decoder, cache, tmp_path, monkeypatch):
+def test_crash_while_checkpointing_keeps_the_previous_one(decoder, cache, tmp_path, monkeypatch, tiny_cfg):
     cfg = tiny_cfg('stage1.checkpoint_every=2')
     real, calls = S.save_encoder, []
     def flaky(*args, **kwargs):
@@ -117,7 +103,7 @@ def test_crash_while_checkpointing_keeps_the_previous_one(decoder, cache, tmp_pa
         return real(*args, **kwargs)
     monkeypatch.setattr(S, 'save_encoder', flaky)
     with pytest.raises(OSError, match='disk full'):
-        S.train_stage1(cfg, tmp_path, decoder=decoder, cache_dir=cache, progress=False)
+        train(cfg, tmp_path, decoder, cache)
     ckpts = tmp_path / 'stage1' / 'checkpoints'
     assert json.loads((ckpts / 'latest.json').read_text())['path'] == 'step-0000002'
     assert [p.name for p in ckpts.iterdir() if p.name.startswith('.')] == []
@@ -132,21 +118,24 @@ def test_step_batches_shard_the_global_batch():
     with pytest.raises(ValueError, match='divisible'): S.StepBatches(20, 6, 1, 4, 0, 0, 0, 1)
 
 
-def run(args, cwd, env_extra=None, timeout=240):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env_extra or {})}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope='module')
+def vlv_stage1_argv(tiny_overrides):
+    "`vlv stage1` (as `python -m vlv.cli stage1`, smoke preset) with the tiny config's overrides in one `-o`; add another `-o`."
+    # API: `python -m vlv.cli stage1` replaces `python -m vlv.stage1`; repeated -o accumulate
+    return ['-m', 'vlv.cli', 'stage1', '--preset', 'smoke', '-o', *tiny_overrides.split()]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, run_process, vlv_stage1_argv):
     """2 CPU processes (torchrun, gloo), 1 micro-batch each == 1 process with 2 micro-batches (same global batch,
     same samples, same noise): weights agree to 1e-6 (measured: exactly equal)."""
-    overrides = f"{TINY_OVERRIDES} stage1.steps=3 stage1.sample_every=100"
-    one = run([sys.executable, '-m', 'vlv.stage1', '--preset', 'smoke', '--run-dir', 'one', '--no-progress',
-               '-o', overrides + ' stage1.grad_accum=2'], tmp_path)
+    overrides = ['stage1.steps=3', 'stage1.sample_every=100']
+    one = run_process([sys.executable, *vlv_stage1_argv, '-o', *overrides, 'stage1.grad_accum=2', '--run-dir', 'one',
+                       '--no-progress'], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = shutil.which('torchrun') or str(Path(sys.executable).parent / 'torchrun')
-    two = run([torchrun, '--standalone', '--nproc_per_node', '2', '-m', 'vlv.stage1', '--preset', 'smoke',
-               '--run-dir', 'two', '--no-progress', '-o', overrides], tmp_path)
+    two = run_process([torchrun, '--standalone', '--nproc_per_node', '2', *vlv_stage1_argv, '-o', *overrides,
+                       '--run-dir', 'two', '--no-progress'], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, _ = read_safetensors(tmp_path / 'one' / 'stage1' / 'encoder' / 'model.safetensors')
     b, _ = read_safetensors(tmp_path / 'two' / 'stage1' / 'encoder' / 'model.safetensors')
@@ -157,14 +146,14 @@ def test_two_processes_match_one(tmp_path):
     assert la == pytest.approx(lb, abs=1e-6)
 
 
-def test_command_line(tmp_path):
-    bad = run([sys.executable, '-m', 'vlv.stage1', '--preset', 'smoke', '--run-dir', 'x', '-o', 'stage1.stepz=3'], tmp_path)
+@pytest.mark.slow
+def test_command_line(tmp_path, run_process, vlv_stage1_argv):
+    bad = run_process([sys.executable, *vlv_stage1_argv, '-o', 'stage1.stepz=3', '--run-dir', 'x'], tmp_path)
     assert bad.returncode == 1 and "unknown config key 'stage1.stepz'" in bad.stderr and 'stage1.steps' in bad.stderr
-    ok = run([sys.executable, '-c', 'import vlv.stage1, vlv.cli, sys; sys.exit(vlv.cli.main(sys.argv[1:]))', 'stage1',
-              '--preset', 'smoke', '--run-dir', 'r', '--no-progress', '-o', f"{TINY_OVERRIDES} stage1.steps=2"], tmp_path)
+    ok = run_process([sys.executable, *vlv_stage1_argv, '-o', 'stage1.steps=2', '--run-dir', 'r', '--no-progress'], tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert 'vlv stage1: 2 steps' in ok.stdout and (tmp_path / 'r' / 'stage1' / 'encoder' / 'model.safetensors').exists()
-    again = run([sys.executable, '-m', 'vlv.stage1', '--preset', 'smoke', '--run-dir', 'r', '-o', f"{TINY_OVERRIDES} stage1.steps=2"], tmp_path)
+    again = run_process([sys.executable, *vlv_stage1_argv, '-o', 'stage1.steps=2', '--run-dir', 'r'], tmp_path)
     assert again.returncode == 1 and 'resume' in again.stderr
 
 
@@ -178,12 +167,11 @@ def test_shipped_accelerate_configs():
     with pytest.raises(FileNotFoundError, match='shipped'): S.accelerate_config('zero3')
 
 
-def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path):
+def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path, tiny_cfg):
     "With a frozen vision tower, caching its outputs changes nothing but the speed."
     base = 'encoder.train_vision=false stage1.steps=10 stage1.sample_every=100 stage1.checkpoint_every=100'   # 40 > 32 items: hits
-    plain = S.train_stage1(tiny_cfg(base), tmp_path / 'plain', decoder=decoder, cache_dir=cache, progress=False)
-    cached = S.train_stage1(tiny_cfg(base + ' stage1.cache_vision_features=true'), tmp_path / 'cached', decoder=decoder,
-                            cache_dir=cache, progress=False)
+    plain = train(tiny_cfg(base), tmp_path / 'plain', decoder, cache)
+    cached = train(tiny_cfg(base + ' stage1.cache_vision_features=true'), tmp_path / 'cached', decoder, cache)
     # The two runs differ only in the rounding of the vision features; AdamW divides each gradient by its own running
     # size, which turns rounding noise in near-zero gradients (attention key biases get exactly zero gradient in exact
     # arithmetic) into lr-sized steps. So compare the losses, the other weights (measured: at most 9e-6 apart after
@@ -195,14 +183,3 @@ def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path):
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): torch.testing.assert_close(plain.encoder.eval()(images), cached.encoder.eval()(images), atol=1e-5, rtol=0)
     assert not any(p.requires_grad for p in cached.encoder.parts()['vision'])
-
-
-def test_study_runs_in_parallel_match_one_after_another(decoder, tmp_path):
-    "The query ablation's short runs give the same summaries in two worker processes as one after another here."
-    cfgs = {n: tiny_cfg(f'encoder.readout=queries encoder.num_queries={n} stage1.steps=2 stage1.checkpoint_every=2 '
-                        'stage1.sample_every=2') for n in (2, 4)}
-    serial = S.study_runs(cfgs, tmp_path / 'a', decoder, 4, 1.0, workers=1)      # caches the latents first
-    parallel = S.study_runs(cfgs, tmp_path / 'b', decoder, 4, 1.0, workers=2)
-    strip = lambda r: {k: v for k, v in r.items() if k != 'seconds'}
-    assert {n: strip(r) for n, r in serial.items()} == {n: strip(r) for n, r in parallel.items()}
-    assert [r['steps'] for r in serial.values()] == [2, 2]

@@ -1,7 +1,6 @@
 "The shipped toy teacher: present, within budget, strictly loadable, and actually drawing what captions say."
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,6 @@ from vlv.data import CAPTION_WORDS, attribute_accuracy, make_splits, parse_image
 
 @pytest.fixture(scope='module')
 def teacher():
-    torch.set_num_threads(1)
     return load_decoder(get_config('toy').bottleneck)
 
 
@@ -49,6 +47,7 @@ def test_strict_loading_refuses_a_damaged_checkpoint(tmp_path, teacher):
     with pytest.raises(ValueError, match='missing'): DiffusionDecoder.from_pretrained(copy)
 
 
+@pytest.mark.slow
 def test_samples_follow_their_captions(teacher):
     "A short sampling run (16 held-in test scenes, 20 DDIM steps, guidance 2): the oracle must read most attributes back."
     test = make_splits(get_config('toy').data, seed=0)['test']

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
+import importlib
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -19,11 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nbformat
 import papermill
@@ -33,17 +32,18 @@ from jupyter_client.manager import AsyncKernelManager
 from tqdm import tqdm
 
 import vlv
-from .core import PRESETS, atomic_write, project_root, save_json
+from .core import PRESETS, add_overrides_argument, get_config, get_run_dir, project_root, save_json
+from .report import load_manifest, refresh_report_timing
 
 # %% auto #0
-__all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED_PACKAGES', 'RUN_EPILOG', 'COMMANDS',
-           'COMMAND_MODULES', 'RunError', 'NotebookFailed', 'RunInterrupted', 'notebook_key', 'pipeline_notebooks',
+__all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED_PACKAGES', 'RUN_EPILOG', 'STAGE1_EPILOG',
+           'COMMANDS', 'RunError', 'NotebookFailed', 'RunInterrupted', 'notebook_key', 'pipeline_notebooks',
            'project_nbs_dir', 'parse_value', 'notebook_parameters', 'plan_parameters', 'resolve_start',
            'check_resumable', 'CurrentPythonKernelManager', 'kernel_manager_for', 'git_state', 'package_versions',
-           'host_info', 'load_manifest', 'RunPlan', 'plan_run', 'refresh_report_timing', 'new_manifest',
-           'execute_notebook', 'execute_run', 'run_pipeline', 'Command', 'add_run_arguments', 'parse_parameters',
-           'run_command', 'collapse_streams', 'publish_outputs', 'add_publish_arguments', 'publish_command',
-           'load_command_modules', 'build_parser', 'main']
+           'host_info', 'RunPlan', 'plan_run', 'new_manifest', 'execute_notebook', 'execute_run', 'run_pipeline',
+           'add_run_arguments', 'parse_parameters', 'run_command', 'collapse_streams', 'publish_outputs',
+           'add_publish_arguments', 'publish_command', 'add_stage1_arguments', 'stage1_command', 'Command',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #3eafbde8
 class RunError(Exception):
@@ -255,7 +255,7 @@ def package_versions() -> dict[str, str | None]:
     versions['vlv'] = versions['vlv'] or vlv.__version__  # a checkout that is not pip-installed
     return versions
 
-
+# %% ../nbs/90_cli.ipynb #cf28f070
 def host_info() -> dict[str, Any]:
     "Where the run happens: host, platform, interpreter, and the accelerators visible (without touching CUDA)."
     gpus = []
@@ -272,15 +272,6 @@ def host_info() -> dict[str, Any]:
     return {'hostname': socket.gethostname(), 'platform': platform.platform(), 'python': sys.executable,
             'device': {'cuda_available': cuda, 'gpus': gpus,
                        'cuda_visible_devices': os.environ.get('CUDA_VISIBLE_DEVICES')}}
-
-
-def load_manifest(run_dir: Path, # a run folder
-                 ) -> dict | None: # the parsed manifest.json, or None when there is none
-    "Read `run_dir/manifest.json`; a corrupt one is an error that names the file."
-    path = Path(run_dir) / 'manifest.json'
-    if not path.exists(): return None
-    try: return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RunError(f"{path} is not valid JSON ({e}); move it away") from e
 
 # %% ../nbs/90_cli.ipynb #912f7212
 @dataclass
@@ -300,7 +291,7 @@ class RunPlan:
                  + (f" (not running: {', '.join(self.earlier)})" if self.earlier else '')]
         return '\n'.join(lines + [f"  {n}: " + ', '.join(f"{k}={v!r}" for k, v in p.items()) for n, p in self.parameters.items()])
 
-
+# %% ../nbs/90_cli.ipynb #2e288f0f
 def plan_run(preset: str = 'smoke',                 # smoke | toy | paper, passed to every notebook
              name: str | None = None,               # run name: the run folder is <runs_dir>/<name>; default the preset
              params: dict[str, Any] | None = None,  # extra parameters, given only to the notebooks that declare them
@@ -334,27 +325,10 @@ def plan_run(preset: str = 'smoke',                 # smoke | toy | paper, passe
         earlier, to_run = [p.name for p in notebooks[:first]], [p.name for p in notebooks[first:]]
     extra = dict(params or {})
     parameters = plan_parameters({p.name: notebook_parameters(p) for p in notebooks}, to_run, preset, run_dir, extra)
-    previous = load_manifest(run_dir) if start or only else None
+    try: previous = load_manifest(run_dir) if start or only else None
+    except ValueError as e: raise RunError(str(e)) from e
     if not force and not only: check_resumable(previous, earlier, preset, run_dir / 'manifest.json')
     return RunPlan(root, nbs_dir, run_dir, preset, extra, parameters, earlier, previous)
-
-# %% ../nbs/90_cli.ipynb #0a462128
-def refresh_report_timing(run_dir: Path,  # a run folder
-                          manifest: dict, # its final manifest
-                         ) -> bool:       # whether report.md was rewritten
-    "Put the run's final per-notebook times into the '## Run' section of run_dir/report.md (written while its notebook ran)."
-    report = Path(run_dir) / 'report.md'
-    if not report.is_file(): return False
-    text = report.read_text(encoding='utf-8')
-    start = text.find('\n\n## Run\n\n')
-    if start < 0: return False
-    end = text.find('\n\n## ', start + 2)
-    try: from vlv.eval import timing_table
-    except Exception as e: warnings.warn(f"{report}: timing not refreshed ({e})"); return False
-    new = text[:start] + '\n\n## Run\n\n' + timing_table(manifest) + (text[end:] if end >= 0 else '\n')
-    with atomic_write(report, 'w') as f: f.write(new)
-    return True
-
 
 # %% ../nbs/90_cli.ipynb #417311bf
 def _failure_reason(e: BaseException) -> str:
@@ -396,7 +370,7 @@ def _not_unknown_parameter(record: logging.LogRecord) -> bool:
     "Log filter dropping papermill's parameter-parsing warnings: its regex misses lines like `run_dir: str | None = None`."
     return not record.getMessage().startswith(('Passed unknown parameter', 'Unable to parse line'))
 
-
+# %% ../nbs/90_cli.ipynb #770bcad9
 def execute_notebook(source: Path,                  # the notebook to run (never modified)
                      output: Path,                  # where the executed copy goes
                      parameters: dict[str, Any],    # injected after its parameters cell
@@ -417,7 +391,7 @@ def execute_notebook(source: Path,                  # the notebook to run (never
     finally:
         for logger in loggers: logger.removeFilter(_not_unknown_parameter)
 
-
+# %% ../nbs/90_cli.ipynb #60fb86d5
 def execute_run(plan: RunPlan,                  # from `plan_run`
                 progress: bool = True,          # show progress bars (notebooks, and papermill's cells)
                 log_output: bool = False,       # also log the notebooks' cell outputs (papermill log_output)
@@ -456,7 +430,7 @@ def execute_run(plan: RunPlan,                  # from `plan_run`
     finish('ok')
     return manifest
 
-
+# %% ../nbs/90_cli.ipynb #421c7d9f
 def run_pipeline(preset: str = 'smoke',                 # smoke | toy | paper, passed to every notebook
                  name: str | None = None,               # run name: outputs go to <runs_dir>/<name>; default the preset
                  params: dict[str, Any] | None = None,  # extra parameters, given only to the notebooks that declare them
@@ -470,17 +444,7 @@ def run_pipeline(preset: str = 'smoke',                 # smoke | toy | paper, p
     "`vlv run` as a function: `plan_run`, then `execute_run`."
     return execute_run(plan_run(preset, name, params, start, nbs, runs_dir, force, only), **kwargs)
 
-# %% ../nbs/90_cli.ipynb #9d1f262a
-@dataclass
-class Command:
-    "A `vlv` subcommand."
-    help: str                                               # one line, shown by `vlv --help`
-    add_arguments: Callable[[argparse.ArgumentParser], None] # declares the subcommand's options
-    handler: Callable[[argparse.Namespace], int]            # runs it; returns the exit code
-    description: str = ''                                   # longer text for `vlv NAME --help` (default: help)
-    epilog: str = ''                                        # examples, shown after the options
-
-
+# %% ../nbs/90_cli.ipynb #5918cdae
 def add_run_arguments(parser: argparse.ArgumentParser, # the `vlv run` subparser
                      ) -> None:
     "Options of `vlv run`."
@@ -505,7 +469,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, # the `vlv run` subparser
     parser.add_argument('--dry-run', action='store_true', help="check the request and print the plan; run nothing")
     parser.add_argument('--start-timeout', type=int, default=120, metavar='S', help="seconds to wait for a kernel to start (default: %(default)s)")
 
-
+# %% ../nbs/90_cli.ipynb #25753fbf
 def parse_parameters(pairs: list[list[str]], # [[key, value], ...] from -p
                      yaml_text: str | None,  # the -y mapping, or None
                     ) -> dict[str, Any]:
@@ -520,7 +484,7 @@ def parse_parameters(pairs: list[list[str]], # [[key, value], ...] from -p
     params.update({k: parse_value(v) for k, v in pairs})
     return params
 
-
+# %% ../nbs/90_cli.ipynb #5650d5cb
 def run_command(args: argparse.Namespace, # parsed `vlv run` options
                ) -> int:                  # exit code
     "Handler of `vlv run`."
@@ -557,14 +521,6 @@ Each executed notebook is saved as runs/NAME/NN_name.ipynb (the sources in nbs/ 
 runs/NAME/manifest.json records the git commit, preset, parameters, package versions, host, and the status
 and time of every notebook. On a failure the command stops, names the failing notebook and cell, and exits 1.
 """
-
-COMMANDS: dict[str, Command] = {
-    'run': Command(help="execute the pipeline notebooks in order into runs/NAME/ (papermill)",
-                   add_arguments=add_run_arguments, handler=run_command, epilog=RUN_EPILOG,
-                   description="Execute the numbered notebooks (NN_name.ipynb, NN < 90) in order with papermill into\n"
-                               "runs/NAME/, passing preset and run_dir to every notebook and -p parameters to the\n"
-                               "notebooks that declare them."),
-}
 
 # %% ../nbs/90_cli.ipynb #952b79f1
 def _settle(text: str) -> str:
@@ -604,7 +560,7 @@ def publish_outputs(executed: str | Path,           # an executed notebook in a 
     nbdev_clean(str(target))
     return target
 
-
+# %% ../nbs/90_cli.ipynb #32bf35a3
 def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     "Options of `vlv publish`."
     parser.add_argument('notebooks', nargs='+', metavar='RUN_NOTEBOOK', help="executed notebooks, e.g. runs/toy/03a_teacher.ipynb")
@@ -619,30 +575,95 @@ def publish_command(args: argparse.Namespace) -> int:
         print(f"vlv publish: error: {e}", file=sys.stderr); return 2
     return 0
 
+# %% ../nbs/90_cli.ipynb #a6a0e7ea
+STAGE1_EPILOG = """\
+examples:
+  vlv stage1 --preset toy --run-dir runs/toy
+  vlv stage1 --preset toy --run-dir runs/try -o stage1.steps=20 -o data.n_train=500 run.seed=1
+  accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
+      -m vlv.cli stage1 --preset paper --run-dir runs/paper
+"""
 
-COMMANDS['publish'] = Command(help="copy an executed run notebook's outputs back into nbs/ (cells must be unchanged)",
-                              add_arguments=add_publish_arguments, handler=publish_command)
 
-# %% ../nbs/90_cli.ipynb #1deab940
-COMMAND_MODULES = ('vlv.stage1', 'vlv.apps', 'vlv.eval', 'vlv.bench')   # importing these registers their commands
+def add_stage1_arguments(parser: argparse.ArgumentParser) -> None:
+    "Options of `vlv stage1` (the parameters of nbs/04_stage1)."
+    parser.add_argument('--preset', default='smoke', choices=list(PRESETS), help="config preset (default: %(default)s)")
+    parser.add_argument('--run-dir', help="run folder; outputs go to RUN_DIR/stage1 (default: runs/nb-PRESET)")
+    add_overrides_argument(parser)
+    parser.add_argument('--resume', action='store_true', help="continue from RUN_DIR/stage1/checkpoints/latest.json")
+    parser.add_argument('--no-progress', dest='progress', action='store_false', help="no progress bar")
 
-def load_command_modules() -> None:
-    "Import the modules that register the heavier commands."
-    import importlib
-    for name in COMMAND_MODULES: importlib.import_module(name)
+
+def stage1_command(args: argparse.Namespace) -> int:
+    "Handler of `vlv stage1`: train on the config's world, print where everything went; exit 1 with the reason on failure."
+    import torch
+    from vlv.stage1 import NonFiniteLoss, train_stage1
+    from vlv.worlds import load_bottleneck, test_images, train_images
+    try:
+        cfg = get_config(args.preset, args.overrides)
+        images, keys = train_images(cfg)
+        result = train_stage1(cfg, get_run_dir(args.run_dir, args.preset), images, keys, decoder=load_bottleneck(cfg),
+                              resume=args.resume, progress=args.progress, sample_images=test_images(cfg, cfg.stage1.sample_images))
+    except (NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
+        print(f"vlv stage1: error: {e}", file=sys.stderr); return 1
+    if result.history and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"vlv stage1: {len(result.history)} steps in {result.seconds:.1f} s, final loss {result.history[-1]['loss']:.4f}; "
+              f"checkpoint {result.checkpoint}; log {result.folder / 'log.jsonl'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #0e70394d
+@dataclass(frozen=True)
+class Command:
+    "A `vlv` subcommand: its help line and the 'module:name' of its parts."
+    help: str                   # one line, shown by `vlv --help`
+    arguments: str              # 'module:function' declaring its options on an argparse parser
+    handler: str                # 'module:function' running it on the parsed options; returns the exit code
+    epilog: str | None = None   # 'module:NAME' of the examples shown after the options
+    description: str = ''       # longer text for `vlv NAME --help` (default: help)
+
+    def load(self, part: str):
+        "The object a 'module:name' field names (imports its module)."
+        module, name = getattr(self, part).split(':')
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, Command] = {
+    'run': Command("execute the pipeline notebooks in order into runs/NAME/ (papermill)",
+                   'vlv.cli:add_run_arguments', 'vlv.cli:run_command', 'vlv.cli:RUN_EPILOG',
+                   "Execute the numbered notebooks (NN_name.ipynb, NN < 90) in order with papermill into\n"
+                   "runs/NAME/, passing preset and run_dir to every notebook and -p parameters to the\n"
+                   "notebooks that declare them."),
+    'publish': Command("copy an executed run notebook's outputs back into nbs/ (cells must be unchanged)",
+                       'vlv.cli:add_publish_arguments', 'vlv.cli:publish_command'),
+    'stage1': Command("stage 1: train the VLV encoder through the frozen decoder (Accelerate)",
+                      'vlv.cli:add_stage1_arguments', 'vlv.cli:stage1_command', 'vlv.cli:STAGE1_EPILOG'),
+    'caption': Command("caption image files, folders or manifests with a saved model -> JSON {name: caption}",
+                       'vlv.apps:add_caption_arguments', 'vlv.apps:caption_command', 'vlv.apps:CAPTION_EPILOG'),
+    'reconstruct': Command("reconstruct images through their continuous captions -> PNGs (original | reconstruction)",
+                           'vlv.apps:add_reconstruct_arguments', 'vlv.apps:reconstruct_command', 'vlv.apps:RECONSTRUCT_EPILOG'),
+    'eval': Command("Table 1: captions -> text-to-image pipeline -> FID (+ caption metrics) -> metrics JSON",
+                    'vlv.eval:add_eval_arguments', 'vlv.eval:eval_command', 'vlv.eval:EVAL_EPILOG'),
+    'readme': Command("copy a run's results table and a figure into README.md (between the results markers)",
+                      'vlv.report:add_readme_arguments', 'vlv.report:readme_command', 'vlv.report:README_EPILOG'),
+    'bench': Command("time stage 1, captioning and reconstruction: the reference configuration vs ours",
+                     'vlv.bench:add_bench_arguments', 'vlv.bench:bench_command', 'vlv.bench:BENCH_EPILOG'),
+}
 
 # %% ../nbs/90_cli.ipynb #fe76eb23
-def build_parser() -> argparse.ArgumentParser:
-    "The `vlv` argument parser, with one subparser per entry of `COMMANDS`."
+def build_parser(chosen: str | None = None, # the command whose options are declared (None: every command's)
+                ) -> argparse.ArgumentParser:
+    "The `vlv` argument parser: one subparser per row of `COMMANDS`, with the options of `chosen` (or of all)."
     parser = argparse.ArgumentParser(prog='vlv', description="vlv: the Vision-Language-Vision auto-encoder, notebook-first. "
                                      "Run `vlv COMMAND --help` for the options of a command.")
     parser.add_argument('--version', action='version', version=f"vlv {vlv.__version__}")
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', title='commands')
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, epilog=cmd.epilog or None,
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        cmd.add_arguments(p)
-        p.set_defaults(handler=cmd.handler)
+        if chosen is None or name == chosen:
+            cmd.load('arguments')(p)
+            p.epilog = cmd.load('epilog') if cmd.epilog else None
+            p.set_defaults(handler=cmd.load('handler'))
     return parser
 
 
@@ -650,8 +671,8 @@ def main(argv: list[str] | None = None, # arguments after `vlv`; default sys.arg
         ) -> int:                        # exit code
     "Entry point of the `vlv` console command."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS: load_command_modules()   # help, or a command registered by a module
-    parser = build_parser()
+    chosen = argv[0] if argv and argv[0] in COMMANDS else ''   # '': help or an unknown command, no module imported
+    parser = build_parser(chosen)
     args = parser.parse_args(argv)
     if args.command is None: parser.print_help(); return 2
     args.argv = ['vlv', *argv]
