@@ -93,3 +93,20 @@ def run_process() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run([str(a) for a in argv], cwd=cwd, env=child_env(**env), capture_output=True, text=True,
                               timeout=timeout)
     return run
+
+
+PHOTO_NAMES = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'immunohistochemistry', 'coins', 'moon', 'cat')
+
+
+@pytest.fixture(scope='session')
+def photo_records() -> list[dict]:
+    """Records {'key', 'image': PIL image, 'caption', 'meta'} of 11 real photos that install offline (scikit-image's and
+    scikit-learn's samples), 96 pixels wide, with LAION-like metadata: what `vlv.sources.write_shards` writes as shards."""
+    skdata, datasets = pytest.importorskip('skimage.data'), pytest.importorskip('sklearn.datasets')
+    from PIL import Image
+    images = {name: Image.fromarray(getattr(skdata, name)()) for name in PHOTO_NAMES}
+    samples = datasets.load_sample_images()
+    images.update({Path(f).stem: Image.fromarray(a) for f, a in zip(samples.filenames, samples.images)})
+    return [{'key': f'{i:03d}-{name}', 'image': image.resize((96, round(96 * image.height / image.width))),
+             'caption': f'a photo of the {name}', 'meta': {'pwatermark': 0.05, 'aesthetic': 5.5}}
+            for i, (name, image) in enumerate(images.items())]

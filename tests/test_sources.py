@@ -1,5 +1,7 @@
 "Real-image sources and robust loading (vlv.sources): odd modes, bad files, folder/JSONL/WebDataset, workers."
+import contextlib
 import io
+import itertools
 import json
 import pickle
 import re
@@ -16,9 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlv.core import get_config
-from vlv.sources import (ImageFolder, ImageLoadError, ImageManifest, ManifestError, ShardError, SkippedImageWarning,
-                         WebDatasetSource, check_image, collate_items, config_transform, expand_shards, image_transform,
-                         list_images, load_image, read_manifest, resize_center_crop, source_from_config, to_rgb)
+from vlv.sources import (STREAM_COUNTERS, ImageFolder, ImageLoadError, ImageManifest, ManifestError, RecordStream,
+                         SampleFilter, ShardError, SkippedImageWarning, WebDatasetSource, check_image, collate_items,
+                         config_transform, expand_shards, image_transform, list_images, load_image, read_manifest,
+                         resize_center_crop, source_from_config, to_rgb, write_shards)
+from vlv.streams import StreamResumeError, StreamState
 
 skdata = pytest.importorskip('skimage.data')
 sklearn_datasets = pytest.importorskip('sklearn.datasets')
@@ -370,7 +374,7 @@ def test_manifest_missing_file_and_missing_images(tmp_path, photo_folder):
 
 
 # ---------------------------------------------------------------- WebDataset shards
-def write_shards(folder: Path, n_shards: int, per_shard: int, bad: dict | None = None) -> list[str]:
+def numbered_shards(folder: Path, n_shards: int, per_shard: int, bad: dict | None = None) -> list[str]:
     "LAION-style shards shard-000.tar ...: key.jpg/key.png (+ key.txt for odd indices); `bad` maps key -> raw bytes."
     small = [photo(name, 40) for name in ('astronaut', 'coffee', 'chelsea', 'rocket')]
     paths = []
@@ -390,7 +394,7 @@ def all_keys(n_shards, per_shard):
 
 
 def test_webdataset_stream_and_brace_expansion(tmp_path):
-    shards = write_shards(tmp_path, 3, 4)
+    shards = numbered_shards(tmp_path, 3, 4)
     assert expand_shards(str(tmp_path / 'shard-{000..002}.tar')) == shards
     assert expand_shards([str(tmp_path / 'shard-{000..001}.tar'), shards[2]]) == shards
     stream = WebDatasetSource(str(tmp_path / 'shard-{000..002}.tar'), size=16)
@@ -416,7 +420,7 @@ def test_webdataset_uppercase_extension_and_sample_without_image(tmp_path):
 
 def test_webdataset_bad_samples_skip_or_raise(tmp_path, jpeg_bytes):
     bad = {'000001': jpeg_bytes[:len(jpeg_bytes) // 2], '001002': b'', '001003': png_bomb(50_000, 50_000)}
-    shards = write_shards(tmp_path, 2, 4, bad=bad)
+    shards = numbered_shards(tmp_path, 2, 4, bad=bad)
     with pytest.warns(SkippedImageWarning) as record:
         stream = WebDatasetSource(shards, size=8)
         keys = [i['key'] for i in stream]
@@ -428,7 +432,7 @@ def test_webdataset_bad_samples_skip_or_raise(tmp_path, jpeg_bytes):
 
 
 def test_webdataset_missing_and_truncated_shards(tmp_path):
-    shards = write_shards(tmp_path, 2, 3)
+    shards = numbered_shards(tmp_path, 2, 3)
     data = Path(shards[1]).read_bytes()
     Path(shards[1]).write_bytes(data[:1600])                      # cut inside the first member
     missing = str(tmp_path / 'missing.tar')
@@ -446,7 +450,7 @@ def test_webdataset_missing_and_truncated_shards(tmp_path):
 
 @pytest.mark.parametrize('n_shards', [3, 1])   # by shard (3 shards >= 2 workers) and by sample (1 shard)
 def test_webdataset_dataloader_two_workers_every_item_once(tmp_path, n_shards):
-    write_shards(tmp_path, n_shards, 5)
+    numbered_shards(tmp_path, n_shards, 5)
     stream = WebDatasetSource(str(tmp_path / f'shard-{{000..{n_shards - 1:03d}}}.tar'), size=8)
     loader = DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_items)
     keys = [key for batch in loader for key in batch['key']]
@@ -454,7 +458,7 @@ def test_webdataset_dataloader_two_workers_every_item_once(tmp_path, n_shards):
 
 
 def test_webdataset_splits_over_ranks_and_workers(tmp_path, monkeypatch):
-    shards = write_shards(tmp_path, 3, 2)
+    shards = numbered_shards(tmp_path, 3, 2)
     seen = []
     for rank in range(2):
         for worker in range(2):                                     # 4 readers > 3 shards: split by sample
@@ -467,7 +471,7 @@ def test_webdataset_splits_over_ranks_and_workers(tmp_path, monkeypatch):
 
 
 def test_webdataset_shard_shuffle_is_seeded_per_epoch(tmp_path):
-    shards = write_shards(tmp_path, 6, 1)
+    shards = numbered_shards(tmp_path, 6, 1)
     stream = WebDatasetSource(shards, shuffle_shards=True, seed=3)
     first = stream.assignment(0, 1)[0]
     assert sorted(first) == shards and first == WebDatasetSource(shards, shuffle_shards=True, seed=3).assignment(0, 1)[0]
@@ -479,7 +483,217 @@ def test_webdataset_shard_shuffle_is_seeded_per_epoch(tmp_path):
 def test_source_from_config(photo_folder, tmp_path):
     folder = source_from_config(get_config('smoke', {'data.source': 'folder', 'data.path': str(photo_folder)}))
     assert isinstance(folder, ImageFolder) and folder[0]['image'].shape == (3, 64, 64)
-    write_shards(tmp_path, 1, 2)
+    numbered_shards(tmp_path, 1, 2)
     stream = source_from_config(get_config('smoke', {'data.source': 'webdataset', 'data.path': str(tmp_path / 'shard-000.tar'),
                                                      'data.image_size': 32}))
     assert isinstance(stream, WebDatasetSource) and next(iter(stream))['image'].shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- streaming at scale: real photos in shards
+PAPER_FILTERS = SampleFilter(min_aspect=0.5, max_aspect=2, max_watermark=0.5)
+
+
+@pytest.fixture
+def laion_shards(tmp_path, photo_records, jpeg_bytes):
+    "Five shards of 14 samples: 11 real photos, a truncated JPEG, a 448x172 photo (aspect 2.6), one flagged as watermarked."
+    wide = Image.fromarray(skdata.text())
+    odd = [{'key': 'corrupt', 'image': jpeg_bytes[:len(jpeg_bytes) // 2], 'caption': 'a truncated download'},
+           {'key': 'wide', 'image': wide, 'caption': 'a wide page of text', 'meta': {'pwatermark': 0.1}},
+           {**photo_records[0], 'key': 'watermarked', 'meta': {'pwatermark': 0.9, 'aesthetic': 6.0}}]
+    r = photo_records
+    records = [*r[:3], odd[0], *r[3:5], odd[1], *r[5:8], odd[2], *r[8:]]  # no dropped sample ends a reader's share
+    shards = write_shards(records, tmp_path / 'shards', per_shard=3)
+    return shards, sorted(x['key'] for x in r)
+
+
+def read_ranks(monkeypatch, make_source, world=2, workers=2, batches=None, state=None, collate=collate_items):
+    "Keys that `world` simulated ranks read (a real DataLoader, `workers` workers each; `batches` per rank), and their merged StreamState."
+    keys, states = [], []
+    for rank in range(world):
+        monkeypatch.setenv('RANK', str(rank)); monkeypatch.setenv('WORLD_SIZE', str(world))
+        source = make_source().resume(state)
+        rank_state = StreamState().load_state_dict(state) if state else StreamState()   # as a resumed loop starts
+        try:
+            for batch in itertools.islice(DataLoader(source, batch_size=2, num_workers=workers, collate_fn=collate), batches):
+                keys += batch['key']; rank_state.update(batch)
+        except StreamResumeError as error:
+            error.__traceback__ = None   # drop the loader's frames so its workers shut down now, not at a later GC
+            raise error
+        states.append(rank_state.state_dict())
+    return keys, StreamState().load_state_dict(states)
+
+
+def test_write_shards_members_and_keys(tmp_path, photo_records):
+    records = [*photo_records[:2], {'key': 'a/b.c d', 'image': photo_records[2]['image'], 'caption': None}]
+    shards = write_shards(records, tmp_path, per_shard=2, image_format='png')
+    assert [Path(s).name for s in shards] == ['shard-00000.tar', 'shard-00001.tar']
+    samples = [s for shard in shards for s in wds.WebDataset(shard, shardshuffle=False)]
+    assert [s['__key__'] for s in samples] == ['000-astronaut', '001-coffee', 'a/b_c_d']
+    assert json.loads(samples[0]['json']) == {'pwatermark': 0.05, 'aesthetic': 5.5} and 'txt' not in samples[2]
+    assert json.loads(samples[2]['json']) == {'key': 'a/b.c d'}                      # the original key is kept
+    assert np.array_equal(np.asarray(load_image(samples[1]['png'])), np.asarray(photo_records[1]['image']))
+    with pytest.raises(ValueError, match="two records have the key '000-astronaut'"):
+        write_shards([photo_records[0], photo_records[0]], tmp_path / 'twice')
+    with pytest.raises(ValueError, match='per_shard'): write_shards(records, tmp_path, per_shard=0)
+
+
+def test_two_ranks_two_workers_read_every_sample_once_and_count_drops(monkeypatch, laion_shards):
+    shards, good = laion_shards
+    keys, state = read_ranks(monkeypatch, lambda: WebDatasetSource(shards, size=16, filters=PAPER_FILTERS))  # warnings stay in the workers
+    assert sorted(keys) == good and len(keys) == len(set(keys))
+    assert state.counts() == {**dict.fromkeys(STREAM_COUNTERS, 0), 'bad_image': 1, 'aspect': 1, 'watermark': 1}
+    assert state.state_dict()['readers'] == 4 and [p['reader'] for p in state.state_dict()['positions']] == [0, 1, 2, 3]
+
+
+def test_fewer_shards_than_readers_split_by_sample(monkeypatch, tmp_path, photo_records):
+    shards = write_shards(photo_records, tmp_path, per_shard=6)                     # 2 shards, 4 readers
+    keys, _ = read_ranks(monkeypatch, lambda: WebDatasetSource(shards, size=16, shuffle_buffer=3))
+    assert sorted(keys) == sorted(r['key'] for r in photo_records) and len(keys) == len(set(keys))
+
+
+def test_default_collate_carries_the_position_records(laion_shards):
+    shards, _ = laion_shards
+    source = WebDatasetSource(shards[:1], size=16)                                  # all captioned, none bad
+    batch = next(iter(DataLoader(source, batch_size=3)))                            # torch's default collate
+    assert batch['image'].shape == (3, 3, 16, 16) and batch['stream']['consumed'].tolist() == [1, 2, 3]
+    assert set(batch['stream']['counts']) == set(STREAM_COUNTERS)
+    state = StreamState().update(batch)
+    assert state.state_dict()['positions'][0]['consumed'] == 3 and state.state_dict()['positions'][0]['readers'] == 1
+    collated = next(iter(DataLoader(source, batch_size=3, collate_fn=collate_items)))
+    assert torch.equal(collated['stream']['offset'], batch['stream']['offset'])
+
+
+@pytest.mark.parametrize('buffer', [1, 3])
+def test_resume_after_k_batches(monkeypatch, laion_shards, buffer):
+    shards, good = laion_shards
+    make = lambda: WebDatasetSource(shards, size=16, shuffle_buffer=buffer, seed=5, filters=PAPER_FILTERS)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', SkippedImageWarning)
+        first, state = read_ranks(monkeypatch, make, batches=2)
+        saved = json.loads(json.dumps(state.state_dict()))                          # as a checkpoint holds it
+        rest, after = read_ranks(monkeypatch, make, state=saved)
+    assert len(first) == 8 and len(first + rest) == len(set(first + rest))          # nothing repeated
+    missing = set(good) - set(first + rest)
+    assert missing == set() if buffer == 1 else len(missing) <= 4 * (buffer - 1)   # at most one buffer per reader
+    if buffer == 1: assert after.counts()['bad_image'] == 1 and after.counts()['watermark'] == 1
+
+
+def test_resume_when_split_by_sample(monkeypatch, tmp_path, photo_records):
+    shards = write_shards(photo_records, tmp_path, per_shard=6)                     # 2 shards, 4 readers: every 4th sample
+    make = lambda: WebDatasetSource(shards, size=16)
+    first, state = read_ranks(monkeypatch, make, batches=1)
+    rest, _ = read_ranks(monkeypatch, make, state=state.state_dict())
+    assert sorted(first + rest) == sorted(r['key'] for r in photo_records) and len(first) == 4
+
+
+def test_resume_skips_without_decoding(monkeypatch, tmp_path, photo_records):
+    shards = write_shards(photo_records, tmp_path, per_shard=4)
+    items = iter(WebDatasetSource(shards, size=16))
+    state = StreamState().update({'stream': [next(items)['stream'] for _ in range(6)]})
+    decoded = []
+    monkeypatch.setattr('vlv.sources.load_image', lambda data, *a, **k: decoded.append(1) or load_image(data, *a, **k))
+    rest = [item['key'] for item in WebDatasetSource(shards, size=16).resume(state)]
+    assert rest == [r['key'] for r in photo_records[6:]] and len(decoded) == len(rest)
+
+
+@pytest.mark.filterwarnings('ignore:This DataLoader will create 3 worker processes')
+def test_changed_reader_count_on_resume_is_an_error(monkeypatch, laion_shards):
+    shards, _ = laion_shards
+    make = lambda: WebDatasetSource(shards, size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', SkippedImageWarning)
+        _, state = read_ranks(monkeypatch, make, batches=1)
+    with pytest.raises(StreamResumeError, match='saved by 4 readers but this run has 6'):
+        read_ranks(monkeypatch, make, workers=3, state=state.state_dict())
+    with pytest.raises(StreamResumeError, match='saved by 4 readers but this run has 2'):
+        read_ranks(monkeypatch, make, world=1, state=state.state_dict())
+    with pytest.raises(StreamResumeError, match='saved for 5 shards'):
+        read_ranks(monkeypatch, lambda: WebDatasetSource(shards[:4], size=16), state=state.state_dict())
+
+
+def test_metadata_filters_and_bad_metadata(tmp_path, photo_records):
+    scores = [{'pwatermark': 0.7}, {'aesthetic': 4.0}, {'AESTHETIC_SCORE': 7.0}, {}, {'pwatermark': None}]
+    records = [{**r, 'meta': m} for r, m in zip(photo_records, scores)]
+    shards = write_shards(records, tmp_path, per_shard=10)
+    replace_member(shards[0], '004-camera.json', b'{not json')
+    assert [i['key'] for i in WebDatasetSource(shards, size=8)] == [r['key'] for r in records]  # metadata unread without its filters
+    with pytest.warns(SkippedImageWarning, match='004-camera: metadata is not JSON'):
+        items = list(WebDatasetSource(shards, size=8, filters=SampleFilter(max_watermark=0.5, min_aesthetic=5)))
+    assert [i['key'] for i in items] == ['002-chelsea', '003-rocket']
+    assert {k: v for k, v in items[-1]['stream']['counts'].items() if v} == {'watermark': 1, 'aesthetic': 1}  # 004 comes after
+
+
+def replace_member(path, name, data):
+    "Rewrite the tar at `path` with member `name` holding `data` (e.g. corrupt metadata)."
+    import tarfile
+    with tarfile.open(path) as tar: members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, 'w') as tar:
+        for member, content in members:
+            content = data if member.name == name else content
+            member.size = len(content); tar.addfile(member, io.BytesIO(content))
+
+
+def test_size_filters_on_real_photos(tmp_path, photo_records):
+    shards = write_shards([{**r, 'image': r['image'].resize((r['image'].width * 2, r['image'].height * 2)) if i % 2 else r['image']}
+                           for i, r in enumerate(photo_records)], tmp_path)
+    items = list(WebDatasetSource(shards, size=8, filters=SampleFilter(min_size=100)))   # odd ones are 192 wide
+    assert [i['key'] for i in items] == [r['key'] for i, r in enumerate(photo_records) if i % 2]
+    assert items[-1]['stream']['counts']['too_small'] == 5                         # 0, 2, ..., 8 (10 comes after the last item)
+
+
+def test_record_stream_manifest_two_ranks_two_workers(monkeypatch, tmp_path, photo_records):
+    (tmp_path / 'img').mkdir()
+    lines = []
+    for i, r in enumerate(photo_records):
+        r['image'].save(tmp_path / 'img' / f'{i}.png')
+        lines.append({'image': f'img/{i}.png', 'caption': r['caption'], 'pwatermark': 0.9 if i == 4 else 0.1})
+    lines.insert(2, {'image': 'img/missing.png', 'caption': 'gone'})
+    (tmp_path / 'm.jsonl').write_text('\n'.join(map(json.dumps, lines)))
+    make = lambda: RecordStream.from_manifest(tmp_path / 'm.jsonl', size=16, shuffle=False, filters=PAPER_FILTERS)
+    keys, state = read_ranks(monkeypatch, make)                                     # reader i reads lines i, i + 4, i + 8
+    assert sorted(keys) == sorted(f'img/{i}.png' for i in range(len(photo_records)) if i != 4) and len(set(keys)) == len(keys)
+    assert {k: v for k, v in state.counts().items() if v} == {'bad_image': 1, 'watermark': 1}
+    first, state = read_ranks(monkeypatch, make, batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', SkippedImageWarning)
+        rest, _ = read_ranks(monkeypatch, make, state=state.state_dict())
+    assert sorted(first + rest) == sorted(keys)                                     # exact resume
+
+
+def test_record_stream_folder_order_and_captions(tmp_path, photo_records):
+    for r in photo_records[:5]:
+        r['image'].save(tmp_path / f"{r['key']}.jpg"); (tmp_path / f"{r['key']}.txt").write_text(r['caption'])
+    (tmp_path / '000-astronaut.txt').write_bytes(b'\xff\xfe not utf-8')
+    make = lambda: RecordStream.from_folder(tmp_path, size=16, seed=1)
+    stream = make()
+    with pytest.warns(SkippedImageWarning, match='bad caption file'):
+        epoch0 = [(i['key'], i['caption']) for i in stream]
+        again = [i['key'] for i in make()]
+        stream.set_epoch(1)
+        epoch1 = [i['key'] for i in stream]
+    assert sorted(epoch0) == [(f"{r['key']}.jpg", r['caption']) for r in photo_records[1:5]]
+    assert again == [k for k, _ in epoch0]                                          # seed + epoch fix the order ...
+    assert sorted(epoch1) == sorted(again) and epoch1 != again                      # ... and it changes each epoch
+    assert stream.skipped[0][0].endswith('000-astronaut.jpg')
+
+
+def test_repeat_streams_on_into_the_next_epoch(tmp_path, photo_records):
+    shards = write_shards(photo_records[:4], tmp_path, per_shard=2)
+    items = list(itertools.islice(WebDatasetSource(shards, size=8, repeat=True, shuffle_buffer=2), 10))
+    assert [i['stream']['epoch'] for i in items] == [0] * 4 + [1] * 4 + [2] * 2
+    assert sorted(i['key'] for i in items[4:8]) == sorted(r['key'] for r in photo_records[:4])
+
+
+def test_config_fields_reach_the_stream(tmp_path, photo_records):
+    shards = write_shards(photo_records, tmp_path)
+    cfg = get_config('smoke', {'data.source': 'webdataset', 'data.path': shards[0], 'data.min_size': 512, 'data.min_aspect': 0.5,
+                               'data.max_aspect': 2.0, 'data.max_watermark': 0.5, 'data.min_aesthetic': 5.0,
+                               'data.shuffle_buffer': 8, 'run.seed': 4})
+    source = source_from_config(cfg, repeat=True)
+    assert (source.shuffle_buffer, source.seed, source.repeat) == (8, 4, True)
+    assert source.filters == SampleFilter(512, 0.5, 2.0, 0.5, 5.0)
+    assert get_config('smoke').data.shuffle_buffer == 1 and WebDatasetSource(shards).filters == SampleFilter()
+    for bad, why in [({'data.min_aspect': 2, 'data.max_aspect': 1}, 'exceeds'), ({'data.shuffle_buffer': 0}, 'shuffle_buffer'),
+                     ({'data.min_size': -1}, 'min_size'), ({'data.max_watermark': 1.5}, 'max_watermark')]:
+        with pytest.raises(ValueError, match=why): get_config('smoke', bad)
+    with pytest.raises(ValueError, match='exceeds'): SampleFilter(min_aspect=3, max_aspect=2)

@@ -56,10 +56,18 @@ class DataConfig(Section):
     n_heldout_test: int = Field(200, ge=0)                 # Shapes: test scenes with held-out combinations
     caption_fraction: float = Field(0.1, ge=0.0, le=1.0)   # fraction of training images that have captions
     heldout_combos: tuple[str, ...] = ('red triangle', 'green circle', 'blue square')  # 'colour shape' never seen in training
+    min_size: int = Field(0, ge=0)                         # real: drop images whose short side is smaller (paper: 512)
+    min_aspect: float | None = Field(None, gt=0)           # real: drop images with width / height below this (paper: 0.5)
+    max_aspect: float | None = Field(None, gt=0)           # real: drop images with width / height above this (paper: 2)
+    max_watermark: float | None = Field(None, ge=0, le=1)  # real: drop samples whose LAION 'pwatermark' is above this (paper: 0.5)
+    min_aesthetic: float | None = None                     # real: drop samples whose LAION 'aesthetic' score is below this
+    shuffle_buffer: int = Field(1, ge=1)                   # real, streamed: samples held for shuffling (1 = stream order)
 
     @model_validator(mode='after')
     def _source_needs_path(self):
         if self.source != 'shapes' and not self.path: raise ValueError(f"data.source={self.source!r} needs data.path")
+        if self.min_aspect is not None and self.max_aspect is not None and self.min_aspect > self.max_aspect:
+            raise ValueError(f"data.min_aspect={self.min_aspect} exceeds data.max_aspect={self.max_aspect}")
         return self
 
 # %% ../nbs/00_core.ipynb #ba720669
