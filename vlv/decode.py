@@ -27,6 +27,7 @@ from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json
 from .checkpoints import (latest_checkpoint, load_checkpoint, load_strict, load_trainable, load_weights, save_checkpoint,
                              save_trainable)
 from .tokenizers import caption_ids, load_tokenizer, pad_batch
+from .hub import hub_errors, pretrained_source
 from .bottleneck import DiffusionDecoder, load_decoder
 from .encoder import VLVEncoder, load_encoder, save_encoder
 
@@ -88,15 +89,13 @@ def load_lm(cfg: DecodeConfig,                          # uses cfg.lm (and the a
         if tokenizer is None: raise ValueError("decode.lm='random' builds an LM from scratch: pass its tokenizer (the world's words)")
         lm = build_lm(cfg, tokenizer, seed)
     else:
-        path = lm_path() if cfg.lm is None else Path(cfg.lm).expanduser()
-        if cfg.lm is None and not (path / 'config.json').exists():
-            raise FileNotFoundError(f"no toy LM at {path}: train and ship it with "
+        source = lm_path() if cfg.lm is None else pretrained_source(cfg.lm, 'decode.lm')   # a folder or a Hub id
+        if cfg.lm is None and not (source / 'config.json').exists():
+            raise FileNotFoundError(f"no toy LM at {source}: train and ship it with "
                                     "`vlv run --preset toy --name lm --only 05a -p train True -p ship True`")
-        source = path if path.exists() else cfg.lm   # not a folder: a hub id
-        if not path.exists() and (str(cfg.lm).count('/') != 1 or str(cfg.lm).startswith(('.', '/', '~'))):
-            raise FileNotFoundError(f"decode.lm={cfg.lm!r} is neither a folder nor a hub id (owner/name)")
-        tokenizer = load_tokenizer(source)
-        lm = load_strict(Qwen2ForCausalLM, source, **({'dtype': dtype} if dtype is not None else {}))
+        with hub_errors(source, 'decode.lm'):
+            tokenizer = load_tokenizer(source)
+            lm = load_strict(Qwen2ForCausalLM, source, **({'dtype': dtype} if dtype is not None else {}))
     if len(tokenizer) > lm.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LM only {lm.config.vocab_size} embedding rows")
     lm = lm.to(dtype=dtype) if dtype is not None else lm

@@ -19,6 +19,7 @@ from transformers import (BartConfig, Florence2Config, Florence2ForConditionalGe
 from .core import EncoderConfig, atomic_write
 from .checkpoints import load_state, read_safetensors, unique_state
 from .tokenizers import prompt_tokenizer
+from .hub import hub_errors, pretrained_source
 
 # %% auto #0
 __all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'build_encoder', 'save_encoder', 'load_encoder']
@@ -190,8 +191,10 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.pretrained:
-            florence = Florence2ForConditionalGeneration.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation,
-                                                                         dtype=torch.float32)
+            source = pretrained_source(cfg.pretrained, 'encoder.pretrained')
+            with hub_errors(source, 'encoder.pretrained'):
+                florence = Florence2ForConditionalGeneration.from_pretrained(source, attn_implementation=cfg.attn_implementation,
+                                                                             dtype=torch.float32)
         else:
             fc = florence_config(cfg, len(tokenizer) + 1)
             fc._attn_implementation = cfg.attn_implementation

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker, get_available_trackers
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -28,10 +30,11 @@ from .latents import LatentDataset, cache_latents, default_cache_dir
 from .encoder import VLVEncoder, build_encoder, save_encoder
 
 # %% auto #0
-__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'stage1_dataset', 'StepBatches', 'Indexed', 'collate_stage1', 'param_groups',
-           'make_optimizer', 'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss',
-           'Stage1Result', 'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss',
-           'LocalRuntime', 'micro_seeds', 'stage1_step', 'Stage1Run', 'prepare_stage1', 'StepLog', 'train_stage1',
+__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_dataset', 'StepBatches', 'Indexed', 'collate_stage1',
+           'param_groups', 'make_optimizer', 'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into',
+           'NonFiniteLoss', 'Stage1Result', 'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder',
+           'stage1_loss', 'LocalRuntime', 'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config',
+           'log_image', 'data_counters', 'first_images', 'Stage1Run', 'prepare_stage1', 'StepLog', 'train_stage1',
            'accelerate_config']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
@@ -129,7 +132,7 @@ def make_optimizer(encoder: VLVEncoder, cfg: Config, device: torch.device,
 
 # %% ../nbs/04_stage1.ipynb #83a08c75
 RESUMABLE_SECTIONS = ('encoder', 'stage1', 'bottleneck', 'data')
-FREE_FIELDS = {'stage1': {'checkpoint_every', 'keep_checkpoints', 'log_every', 'sample_every', 'sample_images', 'eval_scenes',
+FREE_FIELDS = {'stage1': {'checkpoint_every', 'keep_checkpoints', 'log_every', 'sample_every', 'sample_images', 'log_with', 'eval_scenes',
                           'eval_batch_size', 'eval_guidance', 'query_ablation', 'ablation_steps', 'ablation_scenes'}}
 
 
@@ -191,8 +194,11 @@ def reconstruct(encoder: VLVEncoder, decoder: DiffusionDecoder, images: Tensor, 
 
 
 def save_grid(path: Path, originals: Tensor, samples: Tensor) -> Path:
-    "PNG with originals on the top row and reconstructions below."
-    with atomic_write(path) as f: image_grid(torch.cat([originals, samples.cpu()]), ncols=len(originals)).save(f, format='PNG')
+    "PNG with originals on the top row and reconstructions below (originals resized to the samples' size)."
+    samples, originals = samples.cpu(), originals.cpu()
+    if originals.shape[-2:] != samples.shape[-2:]:
+        originals = F.interpolate(originals, size=samples.shape[-2:], mode='bilinear', antialias=True, align_corners=False).clamp(0, 1)
+    with atomic_write(path) as f: image_grid(torch.cat([originals, samples]), ncols=len(originals)).save(f, format='PNG')
     return path
 
 # %% ../nbs/04_stage1.ipynb #efbad0e0
@@ -310,6 +316,68 @@ def stage1_step(runtime,                          # an `Accelerator` or a `Local
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm
 
+# %% ../nbs/04_stage1.ipynb #2f5a9114
+TRACKER_PACKAGES = dict(tensorboard='tensorboard', wandb='wandb', trackio='trackio', aim='aim', comet_ml='comet-ml',
+                        mlflow='mlflow', clearml='clearml', dvclive='dvclive', swanlab='swanlab')
+
+
+def tracker_names(log_with: str | Sequence[str], # `stage1.log_with`: a name, a list of names, or 'none'
+                 ) -> list[str]:                 # the trackers to start (empty: none)
+    "Check `stage1.log_with`: every name is an Accelerate tracker whose package is installed; 'none' (or nothing) -> []."
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    if 'none' in names:
+        if len(names) > 1: raise ValueError(f"stage1.log_with={names}: 'none' cannot be combined with trackers")
+        return []
+    known = sorted(set(LOGGER_TYPE_TO_CLASS) & set(TRACKER_PACKAGES))
+    installed = {getattr(t, 'value', t) for t in get_available_trackers()}   # LoggerType members
+    for name in names:
+        if name not in known: raise ValueError(f"stage1.log_with: unknown tracker {name!r}; choose from {known} or 'none'")
+        if name not in installed:
+            raise ModuleNotFoundError(f"stage1.log_with names {name!r} but its package is not installed: "
+                                      f"pip install {TRACKER_PACKAGES[name]} (or -o stage1.log_with=none)")
+    return list(dict.fromkeys(names))
+
+
+def make_trackers(names: Sequence[str], folder: Path) -> list:
+    "`Accelerator(log_with=...)` of `names`: TensorBoard writes into `folder/tensorboard`, the others as Accelerate sets them up."
+    return [TensorBoardTracker('tensorboard', folder) if n == 'tensorboard' else n for n in names]
+
+
+def flat_config(cfg: Config) -> dict[str, bool | int | float | str]:
+    "The config as `section.field` -> scalar (lists and None as JSON text): the hyperparameters a tracker stores."
+    scalar = lambda v: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return {f'{s}.{k}': scalar(v) for s, fields in cfg.model_dump(mode='json').items() if isinstance(fields, dict)
+            for k, v in fields.items()}
+
+# %% ../nbs/04_stage1.ipynb #c36afd3b
+def log_image(acc: Accelerator, # its trackers get the image (main process)
+              name: str,        # e.g. 'validation/reconstructions'
+              image: Image.Image,
+              step: int) -> None:
+    "Log one image with every tracker that takes images, each in the form it expects."
+    array = np.asarray(image.convert('RGB'))
+    for tracker in acc.trackers if acc.is_main_process else []:
+        if tracker.name == 'tensorboard':
+            tracker.log_images({name: array[None]}, step, dataformats='NHWC'); tracker.tracker.flush()
+        elif tracker.name in ('wandb', 'swanlab'): tracker.log_images({name: [image]}, step)
+        elif tracker.name in ('aim', 'clearml'): tracker.log_images({name: array}, step)
+        # the others (mlflow, comet_ml, dvclive, trackio) keep the PNG grids in the run folder
+
+
+def data_counters(source) -> Callable[[], dict] | None:
+    "The counters hook of a data source: its `counters()` method (or dict attribute), else None."
+    counters = getattr(source, 'counters', None)
+    if counters is None: return None
+    return counters if callable(counters) else lambda: dict(counters)
+
+
+def first_images(images: torch.utils.data.Dataset, # items {'image': [3, H, W] in [0, 1], ...}
+                 n: int) -> Tensor:                  # [min(n, len), 3, H, W]
+    "The first `n` images of a dataset (map-style or streaming): a fixed set for the grids when no test split exists."
+    streaming = isinstance(images, torch.utils.data.IterableDataset)
+    items = iter(images) if streaming else (images[i] for i in range(min(n, len(images))))
+    return torch.stack([item['image'] for _, item in zip(range(n), items)])
+
 # %% ../nbs/04_stage1.ipynb #6baad9bc
 @dataclass
 class Stage1Run:
@@ -327,6 +395,7 @@ class Stage1Run:
     end: int                               # one past the last step of this call
     checkpoint: Path | None                # the latest checkpoint
     sample_images: Tensor | None           # images of the reconstruction grids
+    counters: Callable[[], dict] | None = None # the data source's counters (logged with the loss)
     t0: float = field(default_factory=time.perf_counter)
     grids: list[Path] = field(default_factory=list)
 
@@ -334,12 +403,13 @@ class Stage1Run:
     def main(self) -> bool: return self.acc.is_main_process
 
     def save_grid(self, step: int) -> None:
-        "Reconstructions of the fixed images after `step` (main process), then a barrier."
+        "Reconstructions of the fixed images after `step` (main process; PNG and trackers), then a barrier."
         if self.main and self.sample_images is not None:
             b = self.cfg.bottleneck
             samples = reconstruct(self.acc.unwrap_model(self.model), self.decoder, self.sample_images, b.guidance,
                                   b.sample_steps, b.sampler, seed=0)
             self.grids.append(save_grid(self.folder / f'recon-step{step:07d}.png', self.sample_images, samples))
+            if self.acc.trackers: log_image(self.acc, 'validation/reconstructions', Image.open(self.grids[-1]), step)
         self.acc.wait_for_everyone()
 
     def save_checkpoint(self, step: int, loss: float) -> None:
@@ -360,14 +430,16 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     s = cfg.stage1
     cpu = cfg.run.device == 'cpu' or not torch.cuda.is_available()
     precision = ('bf16' if not cpu else 'no') if s.mixed_precision == 'auto' else s.mixed_precision
-    acc = Accelerator(cpu=cpu, mixed_precision=precision)
-    device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
     folder = Path(run_dir) / 'stage1'; ckpt_dir = folder / 'checkpoints'
+    trackers = tracker_names(s.log_with)
+    acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=make_trackers(trackers, folder) or None, project_dir=folder)
+    device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
     if not resume and (ckpt_dir / 'latest.json').exists():   # checked by every process, before any work
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass resume=True to continue, or use a new run folder")
     if resume and latest_checkpoint(ckpt_dir) is None:
         raise FileNotFoundError(f"resume=True but {ckpt_dir} has no checkpoint (latest.json)")
     if main: folder.mkdir(parents=True, exist_ok=True)
+    if trackers: acc.init_trackers('vlv-stage1', config=flat_config(cfg))
     # frozen decoder (bf16 weights under bf16 autocast) and data
     decoder = decoder if decoder is not None else load_decoder(cfg.bottleneck)
     decoder = decoder.to(device)
@@ -392,14 +464,20 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     sampler = StepBatches(len(data), s.batch_size, s.grad_accum, world, rank, cfg.run.seed, start, end)
     loader = torch.utils.data.DataLoader(Indexed(data), batch_sampler=sampler, collate_fn=collate_stage1,
                                          num_workers=cfg.run.num_workers, persistent_workers=False)
+    sample_images = first_images(images, s.sample_images) if sample_images is None and main else sample_images
     return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, iter(loader), features, folder, start, end, checkpoint,
-                     sample_images)
+                     sample_images, data_counters(images))
 
 # %% ../nbs/04_stage1.ipynb #2f77c1b0
 class StepLog:
-    "The run's log.jsonl: a line per `every` steps with the loss and images/s averaged over them (written by the main process)."
-    def __init__(self, path: Path, start: int, every: int, end: int, batch_size: int, write: bool):
+    "The run's log.jsonl and trackers: a line per `every` steps with the loss and images/s averaged over them, lr, grad norm, data counters."
+    def __init__(self, path: Path, start: int, every: int, end: int, batch_size: int,
+                 write: bool,                                         # the main process writes
+                 track: Callable[[dict, int], None] | None = None,    # (scalars, step) -> a tracker (`Accelerator.log`)
+                 counters: Callable[[], dict] | None = None,          # the data source's counters, read at each line on every process
+                ):
         self.path, self.every, self.end, self.batch_size, self.write = path, every, end, batch_size, write
+        self.track, self.counters = track, counters
         if write and path.exists():   # keep the log consistent with the resumed step
             lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= start]
             with atomic_write(path, 'w') as f: f.write(''.join(l + '\n' for l in lines))
@@ -410,11 +488,16 @@ class StepLog:
         self.losses.append(record['loss'])
         done, now = record['step'], time.perf_counter()
         if done % self.every and done != self.end: return
+        data = dict(self.counters()) if self.counters is not None else {}   # on every process: a source may reduce over them
         if self.write:
             n = len(self.losses)
             line = record | dict(loss=float(np.mean(self.losses)), steps_averaged=n,
                                  images_per_s=n * self.batch_size / max(now - self.window_start, 1e-9))
+            if data: line['data'] = data
             with open(self.path, 'a') as f: f.write(json.dumps(line) + '\n')
+            if self.track is not None:
+                scalars = {f'train/{k}': line[k] for k in ('loss', 'lr', 'grad_norm', 'images_per_s') if line[k] is not None}
+                self.track(scalars | {f'data/{k}': v for k, v in data.items()}, done)
         self.window_start, self.losses = time.perf_counter(), []
 
 # %% ../nbs/04_stage1.ipynb #ef9bb58c
@@ -427,13 +510,15 @@ def train_stage1(cfg: Config,                              # the whole config (e
                  stop_after: int | None = None,            # stop (with a checkpoint) after this step, e.g. to test resume
                  progress: bool = True,                    # progress bar (main process)
                  cache_dir: str | Path | None = None,      # latent cache; None -> `default_cache_dir`
-                 sample_images: Tensor | None = None,      # fixed images for the reconstruction grids; None -> no grids
+                 sample_images: Tensor | None = None,      # fixed images of the grids; None -> the first `stage1.sample_images` training images
                  step_hook: Callable[[int, Tensor], Tensor] | None = None, # (step, loss) -> loss, for fault-injection tests
+                 counters: Callable[[], dict] | None = None, # the data counters (read, skipped, ...) -> log; None -> `images.counters`
                 ) -> Stage1Result:
     "Train the VLV encoder through the frozen decoder (Accelerate; 1 or more processes)."
     run = prepare_stage1(cfg, run_dir, images, keys, decoder, resume, stop_after, cache_dir, sample_images)
     s, acc, main, history = cfg.stage1, run.acc, run.main, []
-    log = StepLog(run.folder / 'log.jsonl', run.start, s.log_every, run.end, s.batch_size, main)
+    log = StepLog(run.folder / 'log.jsonl', run.start, s.log_every, run.end, s.batch_size, main,
+                  acc.log if acc.trackers else None, counters or run.counters)
     bar = tqdm(total=run.end, initial=run.start, desc='stage 1', disable=not (progress and main), dynamic_ncols=True)
     for step in range(run.start, run.end):
         def stop(loss: float, norm: float | None, step: int = step):
@@ -455,6 +540,7 @@ def train_stage1(cfg: Config,                              # the whole config (e
     bar.close()
     seconds, encoder = time.perf_counter() - run.t0, acc.unwrap_model(run.model)
     if main and run.end == s.steps: save_encoder(encoder, run.folder / 'encoder')
+    for tracker in acc.trackers: tracker.finish()   # not `acc.end_training()`: it would end the process group too
     acc.wait_for_everyone()
     return Stage1Result(encoder, history, run.folder, run.checkpoint, seconds, run.grids)
 

@@ -14,6 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
 
 from .core import EncoderConfig
+from .hub import hub_errors, pretrained_source
 
 # %% auto #0
 __all__ = ['WORD_SPECIALS', 'open_clip_bpe_path', 'clip_bpe_vocab', 'write_clip_tokenizer', 'clip_tokenizer',
@@ -134,5 +135,7 @@ def load_tokenizer(source: str | Path, # a folder or hub id
 def prompt_tokenizer(cfg: EncoderConfig, # uses pretrained, prompt, max_positions
                     ):
     "The tokenizer of the task prompt: the checkpoint's, or a word-level one over the prompt's words (random init)."
-    if cfg.pretrained: return AutoTokenizer.from_pretrained(cfg.pretrained)
+    if cfg.pretrained:
+        source = pretrained_source(cfg.pretrained, 'encoder.pretrained')
+        with hub_errors(source, 'encoder.pretrained'): return AutoTokenizer.from_pretrained(source)
     return make_word_tokenizer([cfg.prompt], max_length=cfg.max_positions)
