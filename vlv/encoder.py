@@ -186,6 +186,10 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
                   seed: int = 0,            # seeds the random initialisation (queries, phi, random-init Florence-2)
                  ) -> VLVEncoder:
     "A VLV encoder: pretrained Florence-2 (`cfg.pretrained`) or a random-init one, plus fresh queries and phi."
+    if cfg.pretrained and not Path(cfg.pretrained).expanduser().exists():
+        if cfg.pretrained.count('/') != 1 or cfg.pretrained.startswith(('.', '/', '~')):
+            raise FileNotFoundError(f"encoder.pretrained={cfg.pretrained!r} is neither a folder nor a hub id (owner/name)")
+    elif cfg.pretrained: cfg = cfg.model_copy(update=dict(pretrained=str(Path(cfg.pretrained).expanduser())))
     tokenizer = prompt_tokenizer(cfg)
     prompt_ids = torch.tensor(tokenizer(cfg.prompt).input_ids)
     with torch.random.fork_rng(devices=[]):

@@ -17,7 +17,7 @@ from .core import EncoderConfig
 from .hub import hub_errors, pretrained_source
 
 # %% auto #0
-__all__ = ['WORD_SPECIALS', 'open_clip_bpe_path', 'clip_bpe_vocab', 'write_clip_tokenizer', 'clip_tokenizer',
+__all__ = ['WORD_SPECIALS', 'open_clip_bpe_path', 'bytes_to_unicode', 'clip_bpe_vocab', 'write_clip_tokenizer', 'clip_tokenizer',
            'make_word_tokenizer', 'lm_tokenizer', 'caption_ids', 'pad_batch', 'load_tokenizer', 'prompt_tokenizer']
 
 # %% ../nbs/00a_tokenizers.ipynb #7fa19360
@@ -31,7 +31,7 @@ def open_clip_bpe_path() -> Path:
     if not path.exists(): raise FileNotFoundError(f"{path} is missing from the open-clip-torch package")
     return path
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     "CLIP's reversible map from bytes to printable unicode characters."
     bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
     cs, n = bs[:], 0
@@ -44,7 +44,7 @@ def clip_bpe_vocab(bpe_path: str | Path | None = None, # the gzipped merge list;
     "CLIP's vocabulary and merge list, built exactly as CLIP's `SimpleTokenizer` does."
     lines = gzip.open(bpe_path or open_clip_bpe_path()).read().decode('utf-8').split('\n')
     merges = lines[1:49152 - 256 - 2 + 1]
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + '</w>' for c in chars] + [m.replace(' ', '') for m in merges]
     tokens += ['<|startoftext|>', '<|endoftext|>']
     return {t: i for i, t in enumerate(tokens)}, merges
