@@ -30,8 +30,7 @@ __all__ = ['PRESETS', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'R
            'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys', 'check_overrides_read',
            'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine', 'pil_to_tensor',
            'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder', 'save_json',
-           'project_root', 'get_run_dir', 'process_map', 'CommandError', 'positive_int', 'check_positive', 'one_line',
-           'check_new']
+           'project_root', 'get_run_dir', 'CommandError', 'positive_int', 'check_positive', 'one_line', 'check_new']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -652,35 +651,6 @@ def get_run_dir(run_dir: str | Path | None, # explicit run folder, or None
     path = Path(run_dir) if run_dir is not None else project_root() / 'runs' / f'nb-{preset}'
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-# %% ../nbs/00_core.ipynb #1a32d438
-def _call_with_one_thread(fn: Callable, args: tuple) -> Any:
-    "fn(*args) with one torch thread (in a worker process)."
-    torch.set_num_threads(1)
-    return fn(*args)
-
-
-def process_map(fn: Callable,              # a function of a package module: spawned processes import it by name
-                jobs: Mapping[Any, tuple], # key -> fn's positional arguments (picklable)
-                workers: int = 2,          # worker processes, one torch thread each
-                desc: str | None = None,   # label of a progress bar over the jobs; None: no bar
-               ) -> dict:                  # key -> fn(*args), in the order of `jobs`
-    "fn(*args) for every job in spawned worker processes with one torch thread each: small runs sharing a few CPU cores."
-    if getattr(fn, '__module__', None) == '__main__':
-        raise ValueError(f"{fn.__name__} is defined in __main__ (a notebook or a script), which worker processes cannot import: "
-                         "pass the package's function")
-    if not jobs: return {}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from tqdm.auto import tqdm
-    from vlv.core import _call_with_one_thread as call   # the package's, also when this runs in a notebook
-    results = {}
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context('spawn')) as pool, \
-            tqdm(total=len(jobs), desc=desc, disable=desc is None) as bar:
-        futures = {pool.submit(call, fn, args): key for key, args in jobs.items()}
-        for future in as_completed(futures): results[futures[future]] = future.result(); bar.update(1)
-    return {key: results[key] for key in jobs}
-
 
 # %% ../nbs/00_core.ipynb #0af2c549
 class CommandError(Exception):

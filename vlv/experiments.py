@@ -10,14 +10,14 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, get_device, process_map, save_json
+from .core import Config, get_device, save_json
 from .data import attribute_accuracy, make_splits
 from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_images, train_images
 from .bottleneck import DiffusionDecoder
@@ -28,7 +28,7 @@ from .eval import caption_scores, eval_sets, evaluate_encoder
 
 # %% auto #0
 __all__ = ['STAGES', 'STUDIES', 'image_share', 'probe_images_for', 'weights_digest', 'study_spec', 'spec_name', 'stage1_study',
-           'stage2_study', 'run_study', 'run_studies']
+           'stage2_study', 'process_map', 'run_study', 'run_studies']
 
 # %% ../nbs/06b_experiments.ipynb #9560c6a9
 @torch.no_grad()
@@ -134,6 +134,35 @@ def stage2_study(cfg: Config,                         # the run's whole config (
     return dict(steps=len(history), seconds=time.perf_counter() - t0, final_loss=float(np.mean([h['loss'] for h in history[-50:]])),
                 captioned=int(len(captioned_indices(splits['train']))), train=cfg.decode.train,
                 encoder='stage 1' if encoder is not None else 'random init', scores=scores)
+
+# %% ../nbs/06b_experiments.ipynb #1a32d438
+def _call_with_one_thread(fn: Callable, args: tuple) -> Any:
+    "fn(*args) with one torch thread (in a worker process)."
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def process_map(fn: Callable,              # a function of a package module: spawned processes import it by name
+                jobs: Mapping[Any, tuple], # key -> fn's positional arguments (picklable)
+                workers: int = 2,          # worker processes, one torch thread each
+                desc: str | None = None,   # label of a progress bar over the jobs; None: no bar
+               ) -> dict:                  # key -> fn(*args), in the order of `jobs`
+    "fn(*args) for every job in spawned worker processes with one torch thread each: small runs sharing a few CPU cores."
+    if getattr(fn, '__module__', None) == '__main__':
+        raise ValueError(f"{fn.__name__} is defined in __main__ (a notebook or a script), which worker processes cannot import: "
+                         "pass the package's function")
+    if not jobs: return {}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from tqdm.auto import tqdm
+    from vlv.experiments import _call_with_one_thread as call   # the package's, also when this runs in a notebook
+    results = {}
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context('spawn')) as pool, \
+            tqdm(total=len(jobs), desc=desc, disable=desc is None) as bar:
+        futures = {pool.submit(call, fn, args): key for key, args in jobs.items()}
+        for future in as_completed(futures): results[futures[future]] = future.result(); bar.update(1)
+    return {key: results[key] for key in jobs}
+
 
 # %% ../nbs/06b_experiments.ipynb #0f138dce
 STUDIES = {1: stage1_study, 2: stage2_study}   # stage -> trains one run and scores it: (cfg, run_dir, encoder, decoder, progress, **scoring)
