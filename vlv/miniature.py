@@ -11,31 +11,31 @@ import fcntl
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from transformers import BartTokenizer, Florence2ForConditionalGeneration, Qwen2ForCausalLM, Qwen2Tokenizer
 from tokenizers import AddedToken
 
 from .core import (MINIATURE_DIR, BottleneckConfig, Config, DecodeConfig, EncoderConfig, atomic_folder,
-                      atomic_write, get_config, parse_overrides, save_json)
+                      get_config, parse_overrides, save_json)
 from .tokenizers import bytes_to_unicode, write_clip_tokenizer
 from .encoder import florence_config
 from .bottleneck import build_text_encoder, build_unet, build_vae
 from .decode import lm_config
-from .sources import expand_shards
+from .sources import expand_shards, write_shard
 
 # %% auto #0
 __all__ = ['QWEN_SPECIALS', 'SD2_TEXT_IDS', 'SD_FEATURE_EXTRACTOR', 'PHOTOS', 'LOCATIONS', 'MINIATURE_VERSION', 'qwen_ranks_path',
            'byte_bpe', 'qwen_tokenizer', 'florence_tokenizer', 'write_florence', 'sd_scheduler_config',
-           'sd_model_index', 'write_sd', 'write_qwen', 'photo', 'write_shards', 'miniature_config', 'miniature_layout',
-           'miniature_spec', 'miniature_complete', 'ensure_miniature']
+           'sd_model_index', 'write_sd', 'write_qwen', 'photo', 'photo_records', 'write_photo_shards',
+           'miniature_config', 'miniature_layout', 'miniature_spec', 'miniature_complete', 'ensure_miniature']
 
 # %% ../nbs/05b_miniature.ipynb #4ddf28bf
 def qwen_ranks_path() -> Path:
@@ -223,29 +223,35 @@ def photo(package: str, # 'skimage' (skimage.data) or 'sklearn' (sklearn.dataset
     return Image.fromarray(array).convert('RGB')
 
 # %% ../nbs/05b_miniature.ipynb #590944e8
-def write_shards(pattern: str | Path,                    # shard files to write, a brace pattern as `data.path` takes it
-                 photos: Sequence[tuple[str, str, str]] = PHOTOS, # (package, name, caption) per sample
-                 max_side: int = 256,                    # longer side of the stored JPEGs
-                 corrupt: Sequence[int] = (),            # indices of photos stored as truncated JPEGs
-                ) -> list[Path]:                         # the shard files
+def photo_records(photos: Sequence[tuple[str, str, str]] = PHOTOS, # (package, name, caption) per sample
+                  max_side: int = 256,                    # longer side of the stored JPEGs
+                  corrupt: Sequence[int] = (),            # indices of photos stored as truncated JPEGs
+                 ) -> Iterator[dict]:                     # shard records (`vlv.sources.write_shard`)
+    "The photos as shard records: a JPEG (cut to a third for the indices in `corrupt`), the caption and the sizes."
+    for i, (package, name, caption) in enumerate(photos):
+        image = photo(package, name)
+        original = image.size
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO(); image.save(buffer, format='JPEG', quality=90)
+        jpg = buffer.getvalue()
+        if i in corrupt: jpg = jpg[:len(jpg) // 3]
+        meta = dict(caption=caption, width=image.width, height=image.height, original_width=original[0],
+                    original_height=original[1], source=f'{package}:{name}')
+        yield dict(key=f'{i:09d}', image=jpg, caption=caption, meta=meta)
+
+
+def write_photo_shards(pattern: str | Path,                    # shard files to write, a brace pattern as `data.path` takes it
+                       photos: Sequence[tuple[str, str, str]] = PHOTOS, # (package, name, caption) per sample
+                       max_side: int = 256,                    # longer side of the stored JPEGs
+                       corrupt: Sequence[int] = (),            # indices of photos stored as truncated JPEGs
+                      ) -> list[Path]:                         # the shard files
     "Write `photos` with their captions as WebDataset samples (jpg, txt, json) into the shards `pattern` names."
     shards = [Path(s) for s in expand_shards(str(pattern))]
     if len(photos) < len(shards): raise ValueError(f"{len(photos)} photos cannot fill {len(shards)} shards")
     bounds = np.linspace(0, len(photos), len(shards) + 1).round().astype(int)
-    for shard, start, stop in zip(shards, bounds[:-1], bounds[1:]):
-        with atomic_write(shard) as f, wds.TarWriter(f, mtime=0) as sink:
-            for i in range(start, stop):
-                package, name, caption = photos[i]
-                image = photo(package, name)
-                original = image.size
-                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-                buffer = io.BytesIO(); image.save(buffer, format='JPEG', quality=90)
-                jpg = buffer.getvalue()
-                if i in corrupt: jpg = jpg[:len(jpg) // 3]
-                meta = dict(caption=caption, width=image.width, height=image.height, original_width=original[0],
-                            original_height=original[1], source=f'{package}:{name}')
-                sink.write({'__key__': f'{i:09d}', 'jpg': jpg, 'txt': caption, 'json': meta})
-    return shards
+    records, seen = photo_records(photos, max_side, corrupt), set()
+    return [Path(write_shard(shard, itertools.islice(records, stop - start), seen=seen))
+            for shard, start, stop in zip(shards, bounds[:-1], bounds[1:])]
 
 # %% ../nbs/05b_miniature.ipynb #5c21ad4b
 LOCATIONS = ('encoder.pretrained', 'bottleneck.pretrained', 'decode.lm', 'data.path')  # the fields that point into the miniature
@@ -348,7 +354,7 @@ def ensure_miniature(cfg: Config | None = None, # a `mini` config (`miniature_co
             write_florence(tmp / layout['encoder.pretrained'], cfg.encoder, seed, n_tokens)
             write_sd(tmp / layout['bottleneck.pretrained'], cfg.bottleneck, seed)
             write_qwen(tmp / layout['decode.lm'], cfg.decode, seed, n_tokens)
-            write_shards(tmp / layout['data.path'])
+            write_photo_shards(tmp / layout['data.path'])
             save_json(dict(digest=digest, seconds=round(time.perf_counter() - start, 2), spec=spec, files=_files(tmp)),
                       tmp / 'miniature.json')
     return folder

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, default_collate
 from tqdm import tqdm
 
-from .core import CommandError, one_line, pil_to_tensor
+from .core import CommandError, atomic_write, one_line, pil_to_tensor
 from .streams import Stream, StreamResumeError, StreamState, reader_info, split_parts
 
 # %% auto #0
@@ -37,8 +37,8 @@ __all__ = ['MAX_PIXELS', 'STREAM_COUNTERS', 'WATERMARK_FIELDS', 'AESTHETIC_FIELD
            'load_image', 'resize_center_crop', 'image_to_tensor', 'image_transform', 'config_transform', 'SampleFilter',
            'ManifestError', 'SkipLog', 'ImageDataset', 'list_images', 'folder_records', 'folder_caption', 'ImageFolder',
            'collate_items', 'read_manifest', 'ImageManifest', 'ShardError', 'expand_shards', 'StreamSource',
-           'WebDatasetSource', 'write_shards', 'RecordStream', 'config_filters', 'source_from_config', 'find_images',
-           'image_source', 'batches', 'warnings_as_lines']
+           'WebDatasetSource', 'write_shard', 'write_shards', 'RecordStream', 'config_filters', 'source_from_config',
+           'find_images', 'image_source', 'batches', 'warnings_as_lines']
 
 # %% ../nbs/01a_sources.ipynb #3bf96dca
 class ImageLoadError(OSError):
@@ -549,31 +549,37 @@ def _encoded(image: Image.Image | bytes | str | Path, image_format: str) -> dict
     return {ext: Path(image).read_bytes()}
 
 
+def write_shard(path: str | Path,           # the shard file (written atomically)
+                records: Iterable[dict],    # {'key', 'image': PIL image | encoded bytes | path, 'caption'?, 'meta'?}
+                image_format: str = 'jpg',  # how PIL images (and bytes) are stored: 'jpg' (quality 95) or 'png'
+                seen: set | None = None,    # keys already written (to other shards of the same set)
+               ) -> str:                    # the shard's path
+    "Write records into one WebDataset shard, the same bytes for the same records (tar times fixed)."
+    seen = set() if seen is None else seen
+    with atomic_write(path) as f, wds.TarWriter(f, mtime=0) as sink:
+        for record in records:
+            key = re.sub(r'[.\s]', '_', str(record['key']))
+            if key in seen: raise ValueError(f"two records have the key {key!r} (dots and spaces made underscores)")
+            seen.add(key)
+            meta = {**(record.get('meta') or {}), **({'key': str(record['key'])} if key != record['key'] else {})}
+            sink.write({'__key__': key, **_encoded(record['image'], image_format),
+                        **({'txt': record['caption']} if record.get('caption') is not None else {}),
+                        **({'json': meta} if meta else {})})
+    return str(path)
+
+
 def write_shards(records: Iterable[dict],   # {'key', 'image': PIL image | encoded bytes | path, 'caption'?, 'meta'?}
                  folder: str | Path,        # where shard-00000.tar, shard-00001.tar, ... go (created)
                  per_shard: int = 1000,     # samples per shard
                  image_format: str = 'jpg', # how PIL images (and bytes) are stored: 'jpg' (quality 95) or 'png'
                 ) -> list[str]:             # the shard paths, in order
-    "Write records as WebDataset shards: key.jpg (or .png, ...), key.txt with the caption, key.json with the metadata."
+    "Write records as WebDataset shards of `per_shard` samples (`write_shard`): key.jpg (or .png, ...), key.txt, key.json."
     if per_shard < 1: raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-    folder, paths, seen, sink = Path(folder), [], set(), None
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        for i, record in enumerate(records):
-            key = re.sub(r'[.\s]', '_', str(record['key']))
-            if key in seen: raise ValueError(f"two records have the key {key!r} (dots and spaces made underscores)")
-            seen.add(key)
-            if i % per_shard == 0:
-                if sink is not None: sink.close()
-                paths.append(str(folder / f'shard-{len(paths):05d}.tar'))
-                sink = wds.TarWriter(paths[-1])
-            meta = {**(record.get('meta') or {}), **({'key': str(record['key'])} if key != record['key'] else {})}
-            sink.write({'__key__': key, **_encoded(record['image'], image_format),
-                        **({'txt': record['caption']} if record.get('caption') is not None else {}),
-                        **({'json': meta} if meta else {})})
-    finally:
-        if sink is not None: sink.close()
+    folder, records, paths, seen = Path(folder), iter(records), [], set()
+    while chunk := list(itertools.islice(records, per_shard)):
+        paths.append(write_shard(folder / f'shard-{len(paths):05d}.tar', chunk, image_format, seen))
     return paths
+
 
 # %% ../nbs/01a_sources.ipynb #a3eaed23
 class RecordStream(StreamSource):
