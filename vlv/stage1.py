@@ -477,7 +477,7 @@ class Stage1Run:
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
 
-# %% ../nbs/04_stage1.ipynb #1db8b8d0
+# %% ../nbs/04_stage1.ipynb #eea3bd3b
 def stage1_cache(cfg: Config, images: torch.utils.data.Dataset, keys: Sequence[str] | None, decoder: DiffusionDecoder,
                  cache_dir: str | Path, acc: Accelerator) -> tuple[LatentDataset, Callable[[], dict] | None]:
     "A map-style source's latent cache, built by all processes in parallel, and its counters when it is a source of files."
@@ -512,6 +512,7 @@ def stage1_batches(cfg: Config, data: torch.utils.data.Dataset, world: int, rank
     return batches, batches
 
 
+# %% ../nbs/04_stage1.ipynb #1db8b8d0
 def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Dataset, keys: Sequence[str] | None,
                    decoder: DiffusionDecoder | None, resume: bool, stop_after: int | None, cache_dir: str | Path | None,
                    sample_images: Tensor | None) -> Stage1Run:
