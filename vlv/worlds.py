@@ -29,17 +29,16 @@ def shapes_keys(dataset) -> list[str]:
             for row in dataset.layouts]
 
 
-def train_images(cfg: Config,   # uses cfg.data (and cfg.run.seed for the Shapes world)
-                ) -> tuple[torch.utils.data.Dataset, list[str]]: # items {'image', ...}; their latent-cache keys
-    "The training images `cfg.data.source` names, with a content key per item."
+def train_images(cfg: Config,   # uses cfg.data (and cfg.run.seed for the Shapes world and the stream's shuffles)
+                ) -> tuple[torch.utils.data.Dataset, list[str] | None]: # items {'image', ...}; their latent-cache keys (None: a stream)
+    "The training images `cfg.data.source` names: a map-style dataset with a content key per item, or a stream (no keys)."
     if cfg.data.source == 'shapes':
         source = make_splits(cfg.data, seed=cfg.run.seed)['train']
         return source, shapes_keys(source)
-    if cfg.data.source in ('folder', 'jsonl'):
-        source = source_from_config(cfg, on_error='raise')
-        return source, [r['key'] for r in source.records]
-    raise NotImplementedError(f"stage 1 caches latents per item and needs a map-style source; data.source="
-                              f"{cfg.data.source!r} streams (convert the shards to a folder or JSONL manifest)")
+    if cfg.data.source == 'webdataset' or cfg.data.streaming:
+        return source_from_config(cfg, stream=True, on_error='skip', repeat=True), None
+    source = source_from_config(cfg, on_error='skip')   # bad files: skipped with a warning, listed in `.skipped`
+    return source, [r['key'] for r in source.records]
 
 # %% ../nbs/01b_worlds.ipynb #3dacd5b5
 def test_images(cfg: Config, # uses cfg.data and cfg.run.seed

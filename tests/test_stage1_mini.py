@@ -1,0 +1,158 @@
+"""Stage 1 on every source (nbs/04_stage1): streams (the miniature's WebDataset shards, a streamed folder) with the VAE
+in the step, resumed at their data position; map-style folders with a latent cache built by every process; bad files
+skipped and counted; and the miniature's stage 1 under `accelerate launch` with 2 CPU processes (gloo)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlv.stage1 as S
+from vlv.bottleneck import load_decoder
+from vlv.checkpoints import unique_state
+from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, write_shards
+from vlv.worlds import train_images
+
+QUIET = {'stage1.log_with': 'none', 'stage1.sample_every': 100, 'stage1.checkpoint_every': 100}
+
+
+@pytest.fixture(scope='module')
+def mini(tmp_path_factory):
+    "(folder of the miniature, shard pattern of its 16 photos with photo 1 a truncated JPEG, the frozen decoder)."
+    root = tmp_path_factory.mktemp('mini')
+    folder = ensure_miniature(miniature_config(root / 'miniature'))
+    pattern = root / 'bad-shards' / 'photos-{00000..00001}.tar'
+    write_shards(pattern, corrupt=(1,))
+    return folder, str(pattern), load_decoder(miniature_config(folder).bottleneck)
+
+
+@pytest.fixture(scope='module')
+def photo_dir(tmp_path_factory):
+    "A folder of 6 of the miniature's photos (64 px JPEGs) with captions, and one truncated JPEG that passes the header check."
+    folder = tmp_path_factory.mktemp('photos')
+    for i, (package, name, caption) in enumerate(PHOTOS[:6]):
+        image = photo(package, name); image.thumbnail((96, 96)); image.save(folder / f'{i}-{name}.jpg', quality=90)
+        (folder / f'{i}-{name}.txt').write_text(caption)
+    whole = sorted(folder.glob('*.jpg'))[0].read_bytes()
+    (folder / '1b-broken.jpg').write_bytes(whole[:len(whole) // 3])
+    return folder
+
+
+def config(folder, **overrides):
+    return miniature_config(folder, {**QUIET, 'run.device': 'cpu', **overrides})
+
+
+def run(cfg, run_dir, decoder, **kwargs):
+    images, keys = train_images(cfg)
+    return S.train_stage1(cfg, run_dir, images, keys, decoder=decoder, progress=False, **kwargs)
+
+
+def weights(encoder):
+    return {k: v.detach().clone() for k, v in unique_state(encoder)[0].items()}
+
+
+def log_lines(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / 'stage1' / 'log.jsonl').read_text().splitlines()]
+
+
+def stopped_and_resumed(cfg, tmp_path, decoder, stop: int = 3, **kwargs):
+    "An uninterrupted run and one stopped after `stop` steps then resumed: (full, first part, second part)."
+    full = run(cfg, tmp_path / 'full', decoder, **kwargs)
+    first = run(cfg, tmp_path / 'resumed', decoder, stop_after=stop, **kwargs)
+    second = run(cfg, tmp_path / 'resumed', decoder, resume=True, **kwargs)
+    return full, first, second
+
+
+def test_shards_stream_and_resume_at_their_position(mini, tmp_path):
+    "WebDataset shards with a corrupt sample: skipped and counted; stop at 3 + resume == 6 steps in one go (shuffle_buffer=1)."
+    folder, pattern, decoder = mini
+    cfg = config(folder, **{'data.path': pattern, 'stage1.steps': 6})
+    full, first, second = stopped_and_resumed(cfg, tmp_path, decoder)
+    assert [h['loss'] for h in full.history] == [h['loss'] for h in first.history + second.history]
+    a, b = weights(full.encoder), weights(second.encoder)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 6 steps of 4 from 15 good photos: the stream wraps into epoch 1 once, so the corrupt photo is read twice
+    assert log_lines(tmp_path / 'full')[-1]['data'] == log_lines(tmp_path / 'resumed')[-1]['data']
+    data = log_lines(tmp_path / 'resumed')[-1]['data']
+    assert (data['read'], data['bad_image'], sum(data.values()) - data['read']) == (6 * 4 + 2, 2, 2)
+    state = json.loads((second.checkpoint / 'state.json').read_text())['stream']
+    assert [(p['epoch'], p['consumed']) for p in state['positions']] == [(1, 6 * 4 + 2 - 16)]
+
+
+def test_folder_streams_when_asked(mini, photo_dir, tmp_path):
+    "A folder under data.streaming=true: the same stream path (a RecordStream), resumed exactly; the broken file counted."
+    folder, _, decoder = mini
+    cfg = config(folder, **{'data.source': 'folder', 'data.path': str(photo_dir), 'data.streaming': True, 'stage1.steps': 4})
+    images, keys = train_images(cfg)
+    assert type(images).__name__ == 'RecordStream' and keys is None
+    full, first, second = stopped_and_resumed(cfg, tmp_path, decoder, stop=2)
+    assert [h['loss'] for h in full.history] == [h['loss'] for h in first.history + second.history]
+    data = log_lines(tmp_path / 'resumed')[-1]['data']
+    assert data == log_lines(tmp_path / 'full')[-1]['data']
+    # 16 items of 6 good photos: epochs 0 and 1 whole, 4 of epoch 2 (a new order each epoch); the broken file once per pass
+    assert data['read'] == 16 + data['bad_image'] and data['bad_image'] in (2, 3)
+
+
+def test_map_style_folder_skips_a_bad_file_and_caches_in_parallel(mini, photo_dir, tmp_path):
+    "data.streaming=false: the latent cache; every process encodes its share only, a file that fails to decode is left out."
+    folder, _, decoder = mini
+    cfg = config(folder, **{'data.source': 'folder', 'data.path': str(photo_dir), 'data.streaming': False, 'stage1.steps': 2})
+    images, keys = train_images(cfg)
+    assert len(images) == 7   # the broken JPEG passes the header check: it fails when decoded
+    calls = []
+    encode = decoder.latent_posterior
+    decoder.latent_posterior = lambda x: (calls.append(len(x)), encode(x))[1]
+    seen = []   # the gather of two processes, one after the other: rank 1 gets rank 0's skipped files too
+    try:
+        shares = [S.stage1_dataset(images, keys, decoder, 64, tmp_path / 'cache', rank=0, world=2, gather=lambda x: (seen.extend(x), x)[1]),
+                  S.stage1_dataset(images, keys, decoder, 64, tmp_path / 'cache', rank=1, world=2, gather=lambda x: seen + x)]
+    finally: del decoder.latent_posterior
+    assert calls == [3, 3]   # items 0, 2, 4, 6 and 1, 3, 5; item 2 is the broken file; nothing is encoded twice
+    assert [(d.skipped, len(d)) for d in shares] == [([2], 6)] * 2   # both read the whole cache but the broken file
+    result = run(cfg, tmp_path / 'run', decoder, cache_dir=tmp_path / 'cache')
+    assert len(result.history) == 2 and log_lines(tmp_path / 'run')[-1]['data'] == {'images': 6, 'skipped': 1}
+
+
+def test_stream_settings_are_checked(mini, tmp_path):
+    folder, pattern, decoder = mini
+    cfg = config(folder, **{'data.path': pattern, 'stage1.cache_vision_features': True})
+    with pytest.raises(ValueError, match='cache_vision_features'): run(cfg, tmp_path / 'a', decoder)
+    cfg = config(folder, **{'data.path': pattern})
+    run(cfg, tmp_path / 'b', decoder, stop_after=1)
+    with pytest.raises(ValueError, match=r'read by 1 readers .* this run has 2'):   # a StreamResumeError
+        run(config(folder, **{'data.path': pattern, 'run.num_workers': 2}), tmp_path / 'b', decoder, resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_skip_and_resume(mini, tmp_path, run_process):
+    """`accelerate launch` (2 CPU processes, gloo) of `vlv stage1 --preset mini` on shards with a corrupt photo, stopped
+    after 2 of 4 steps and resumed: the corrupt photo is skipped and counted once, every sample is read once, and the
+    TensorBoard events hold the loss and the reconstruction grid."""
+    folder, pattern, _ = mini
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0']
+    argv = [*launch, '-m', 'vlv.cli', 'stage1', '--preset', 'mini', '--run-dir', 'run', '--no-progress',
+            '-o', f'data.path={pattern}', 'run.device=cpu']
+    first = run_process([*argv, '--stop-after', '2'], tmp_path, VLV_MINIATURE=str(folder))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert 'photos-00000.tar#000000001' in first.stderr   # warned
+    stopped = json.loads((tmp_path / 'run' / 'stage1' / 'checkpoints' / 'step-0000002' / 'state.json').read_text())['stream']
+    second = run_process([*argv, '--resume'], tmp_path, VLV_MINIATURE=str(folder))
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = log_lines(tmp_path / 'run')
+    assert [r['step'] for r in log] == [1, 2, 3, 4]
+    assert (log[-1]['data']['read'], log[-1]['data']['bad_image']) == (4 * 4 + 1, 1)
+    # readers: rank r reads shard r (8 photos); 2 per step each. Raw samples taken = epoch * 8 + consumed per reader.
+    final = json.loads((tmp_path / 'run' / 'stage1' / 'checkpoints' / 'step-0000004' / 'state.json').read_text())['stream']
+    taken = lambda state: {p['reader']: p['epoch'] * 8 + p['consumed'] for p in state['positions']}
+    assert taken(stopped) == {0: 5, 1: 4}        # reader 0: photos 0, 2, 3, 4 (1 is corrupt); reader 1: photos 8-11
+    assert taken(final) == {0: 9, 1: 8}          # then 5, 6, 7 and epoch 1's photo 0; 12-15: each sample read once
+    events = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+    acc = events.EventAccumulator(str(tmp_path / 'run' / 'stage1' / 'tensorboard'),
+                                  size_guidance={events.SCALARS: 0, events.IMAGES: 0}).Reload()
+    assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars('data/bad_image')][-1] == 1
+    assert [g.step for g in acc.Images('validation/reconstructions')] == [2, 4]
