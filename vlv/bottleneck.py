@@ -260,7 +260,8 @@ def encode_embeddings(self: DiffusionDecoder,
                          f"positions (max_length, its position embeddings)")
     te = self.text_encoder
     hidden = te.embeddings(inputs_embeds=inputs_embeds.to(te.embeddings.token_embedding.weight.dtype))
-    mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+    # positional: transformers renamed the cache argument (past_key_values in 5.17, the GPU image's, cache in 5.25)
+    mask = create_causal_mask(te.config, hidden, None, None)
     hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
     return te.final_layer_norm(hidden)
 
