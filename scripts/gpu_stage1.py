@@ -5,7 +5,7 @@ The models are the paper's architectures built from the preset's sizes: Florence
 Hub folder (`vlv.miniature.write_florence`, with Florence-2-large's 51,289-row vocabulary) that `encoder.pretrained`
 points at, so the encoder loads the way a downloaded one does; SD 2.1-base's UNet, VAE and OpenCLIP-H text tower built
 in memory (`bottleneck.pretrained=random`: the same classes and sizes as the released folder). The data are the
-miniature's sixteen offline photos written as WebDataset shards (`vlv.miniature.write_shards`) and read by the
+miniature's sixteen offline photos written as WebDataset shards (`vlv.miniature.write_photo_shards`) and read by the
 preset's own source. The run is `vlv.stage1.train_stage1` itself (Accelerate, bf16 autocast on CUDA, fused AdamW), for
 a few steps; then a checkpoint round trip (the last checkpoint strictly loaded into a fresh encoder, optimiser and
 schedule: every tensor equal) and a reconstruction grid through the frozen decoder.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vlv.core import Config, get_config, parse_overrides, save_json
 from vlv.encoder import build_encoder
-from vlv.miniature import PHOTOS, write_florence, write_shards
+from vlv.miniature import PHOTOS, write_florence, write_photo_shards
 from vlv.bottleneck import load_decoder
 from vlv.worlds import train_images
 from vlv.stage1 import first_images, load_stage1_checkpoint, make_optimizer, reconstruct, save_grid, train_stage1
@@ -149,7 +149,7 @@ def training_data(cfg: Config, args: argparse.Namespace, report: Report):
     report['data'] = {}
     if args.data != 'synthetic':
         try:
-            shards = write_shards(cfg.data.path, PHOTOS * args.size['shards'], max_side=args.size['max_side'])
+            shards = write_photo_shards(cfg.data.path, PHOTOS * args.size['shards'], max_side=args.size['max_side'])
             report['data'] = dict(shards=len(shards), samples=len(PHOTOS) * args.size['shards'], max_side=args.size['max_side'],
                                   bytes=sum(s.stat().st_size for s in shards))
             images, keys = train_images(cfg)

@@ -13,7 +13,7 @@ import torch
 import vlv.stage1 as S
 from vlv.bottleneck import load_decoder
 from vlv.checkpoints import unique_state
-from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, write_shards
+from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, write_photo_shards
 from vlv.worlds import train_images
 
 QUIET = {'stage1.log_with': 'none', 'stage1.sample_every': 100, 'stage1.checkpoint_every': 100}
@@ -25,7 +25,7 @@ def mini(tmp_path_factory):
     root = tmp_path_factory.mktemp('mini')
     folder = ensure_miniature(miniature_config(root / 'miniature'))
     pattern = root / 'bad-shards' / 'photos-{00000..00001}.tar'
-    write_shards(pattern, corrupt=(1,))
+    write_photo_shards(pattern, corrupt=(1,))
     return folder, str(pattern), load_decoder(miniature_config(folder).bottleneck)
 
 
