@@ -1,11 +1,17 @@
 """Stage 1 on every source (nbs/04_stage1): streams (the miniature's WebDataset shards, a streamed folder) with the VAE
 in the step, resumed at their data position; map-style folders with a latent cache built by every process; bad files
-skipped and counted; and the miniature's stage 1 under `accelerate launch` with 2 CPU processes (gloo)."""
+skipped and counted; stop signals (nbs/00e_preemption); and the miniature's stage 1 under `accelerate launch` with 2 CPU
+processes (gloo), stopped by a signal to one of them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ import torch
 import vlv.stage1 as S
 from vlv.bottleneck import load_decoder
 from vlv.checkpoints import unique_state
+from vlv.preemption import EXIT_PREEMPTED, Preempted
 from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, write_photo_shards
 from vlv.worlds import train_images
 
@@ -80,6 +87,28 @@ def test_shards_stream_and_resume_at_their_position(mini, tmp_path):
     assert (data['read'], data['bad_image'], sum(data.values()) - data['read']) == (6 * 4 + 2, 2, 2)
     state = json.loads((second.checkpoint / 'state.json').read_text())['stream']
     assert [(p['epoch'], p['consumed']) for p in state['positions']] == [(1, 6 * 4 + 2 - 16)]
+
+
+def test_stop_signal_checkpoints_and_the_stream_resumes_there(mini, tmp_path):
+    "SIGTERM during step 3 of 5: the run ends after step 3 with a checkpoint and a log line; resumed, it equals the run in one go."
+    folder, pattern, decoder = mini
+    cfg = config(folder, **{'data.path': pattern, 'stage1.steps': 5, 'stage1.log_every': 2})
+    full = run(cfg, tmp_path / 'full', decoder)
+    def sigterm_in_step_3(step, loss):
+        if step == 2: os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match='stopped by SIGTERM after step 3') as stopped:
+        run(cfg, tmp_path / 'stopped', decoder, step_hook=sigterm_in_step_3)
+    assert signal.getsignal(signal.SIGTERM) == handler   # the handler is ours only while training
+    assert stopped.value.checkpoint.name == 'step-0000003'
+    assert [r['step'] for r in log_lines(tmp_path / 'stopped')] == [2, 3]   # the window so far is written
+    second = run(cfg, tmp_path / 'stopped', decoder, resume=True)
+    assert [r['step'] for r in log_lines(tmp_path / 'stopped')] == [2, 3, 4, 5]
+    assert [h['loss'] for h in second.history] == [h['loss'] for h in full.history[3:]]
+    a, b = weights(full.encoder), weights(second.encoder)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_lines(tmp_path / 'full')[-1]['data'] == log_lines(tmp_path / 'stopped')[-1]['data']
 
 
 def test_folder_streams_when_asked(mini, photo_dir, tmp_path):
@@ -156,3 +185,57 @@ def test_two_processes_stream_skip_and_resume(mini, tmp_path, run_process):
     assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4]
     assert [e.value for e in acc.Scalars('data/bad_image')][-1] == 1
     assert [g.step for g in acc.Images('validation/reconstructions')] == [2, 4]
+
+
+def good_samples_taken(raw: int, bad: set[int], per_epoch: int) -> int:
+    "Good samples among the first `raw` of a reader whose shard has `per_epoch` samples, those at `bad` corrupt."
+    return sum(i % per_epoch not in bad for i in range(raw))
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_a_signal(mini, tmp_path, subprocess_env):
+    """`accelerate launch` (2 CPU processes) of `vlv stage1 --preset mini --auto-resume`. SIGUSR1 to rank 1 only: both ranks
+    stop after the same step with one checkpoint and exit 75. The same command resumes it at the recorded data position;
+    SIGUSR1 to the launcher (told to pass it on, as in the README's SLURM script) stops both ranks again."""
+    psutil = pytest.importorskip('psutil')
+    folder, pattern, _ = mini
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0']
+    argv = [*launch, '-m', 'vlv.cli', 'stage1', '--preset', 'mini', '--run-dir', 'run', '--no-progress', '--auto-resume',
+            '-o', f'data.path={pattern}', 'run.device=cpu', 'stage1.steps=60', 'stage1.log_every=1',
+            'stage1.checkpoint_every=100', 'stage1.sample_every=100']
+    env = subprocess_env(VLV_MINIATURE=str(folder), PET_SIGNALS_TO_HANDLE='SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1')
+    log, checkpoints = tmp_path / 'run' / 'stage1' / 'log.jsonl', tmp_path / 'run' / 'stage1' / 'checkpoints'
+
+    def launch_and_signal(after_step: int, target: Callable) -> tuple[str, int]:
+        "Start the command, wait for `after_step` log lines, send SIGUSR1 to `target(launcher)`: (stderr, last logged step)."
+        launcher = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not (log.exists() and len(log.read_text().splitlines()) >= after_step):
+                assert launcher.poll() is None and time.monotonic() < deadline, 'the run ended or stalled'
+                time.sleep(0.2)
+            target(psutil.Process(launcher.pid)).send_signal(signal.SIGUSR1)
+            _, err = launcher.communicate(timeout=180)
+        finally:
+            if launcher.poll() is None: launcher.kill()
+        assert launcher.returncode != 0, err[-3000:]
+        steps = [r['step'] for r in log_lines(tmp_path / 'run')]
+        assert steps == list(range(1, steps[-1] + 1)) and after_step <= steps[-1] < 60, err[-3000:]
+        return err, steps[-1]
+
+    def taken(step: int) -> dict[int, int]:
+        "Raw samples each reader took by the checkpoint of `step` (epochs of 8 samples)."
+        state = json.loads((checkpoints / f'step-{step:07d}' / 'state.json').read_text())['stream']
+        return {p['reader']: p['epoch'] * 8 + p['consumed'] for p in state['positions']}
+
+    rank_1 = lambda launcher: next(p for p in launcher.children() if p.environ().get('RANK') == '1')
+    err, first = launch_and_signal(2, rank_1)
+    assert 'vlv: got SIGUSR1' in err and 'stopped by a stop signal to another process after step' in err, err[-3000:]
+    assert f'exitcode  : {EXIT_PREEMPTED}' in err, err[-3000:]
+    assert sorted(p.name for p in checkpoints.glob('step-*')) == [f'step-{first:07d}']   # only the one the signal asked for
+    err, second = launch_and_signal(first + 2, lambda launcher: launcher)   # --auto-resume: continues from `first`
+    assert err.count('vlv: got SIGUSR1') == 2 and 'stopped by SIGUSR1 after step' in err, err[-3000:]
+    # reader r reads shard r (8 photos, photo 1 of shard 0 corrupt), 2 good photos a step: nothing repeated or skipped
+    for step in (first, second):
+        assert taken(step) == {0: min(n for n in range(200) if good_samples_taken(n, {1}, 8) == 2 * step), 1: 2 * step}

@@ -581,6 +581,10 @@ examples:
   vlv stage1 --preset toy --run-dir runs/toy
   vlv stage1 --preset toy --run-dir runs/try -o stage1.steps=20 -o data.n_train=500 run.seed=1
   vlv stage1 --preset mini --run-dir runs/mini --stop-after 2 && vlv stage1 --preset mini --run-dir runs/mini --resume
+  vlv stage1 --preset paper --run-dir runs/paper --auto-resume     # a requeued job: continue if there is a checkpoint
+
+On SIGTERM or SIGUSR1 (SLURM preemption, --signal) the run finishes its step, writes a checkpoint and exits with
+status 75; the same command plus --resume (or --auto-resume) continues it exactly.
   accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
       -m vlv.cli stage1 --preset paper --run-dir runs/paper
 """
@@ -591,15 +595,20 @@ def add_stage1_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--preset', default='smoke', choices=list(PRESETS), help="config preset (default: %(default)s)")
     parser.add_argument('--run-dir', help="run folder; outputs go to RUN_DIR/stage1 (default: runs/nb-PRESET)")
     add_overrides_argument(parser)
-    parser.add_argument('--resume', action='store_true', help="continue from RUN_DIR/stage1/checkpoints/latest.json")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument('--resume', action='store_true', help="continue from RUN_DIR/stage1/checkpoints/latest.json")
+    resume.add_argument('--auto-resume', action='store_true',
+                        help="continue from the latest checkpoint if RUN_DIR has one, else start (for jobs that requeue themselves)")
     parser.add_argument('--stop-after', type=int, metavar='STEP', help="stop with a checkpoint after this step (continue with --resume)")
     parser.add_argument('--no-progress', dest='progress', action='store_false', help="no progress bar")
 
 
 def stage1_command(args: argparse.Namespace) -> int:
-    "Handler of `vlv stage1`: train on the config's world, print where everything went; exit 1 with the reason on failure."
+    "Handler of `vlv stage1`: train on the config's world, print where everything went; exit 1 with the reason on failure, 75 when preempted."
     import torch
+    from vlv.preemption import EXIT_PREEMPTED, Preempted
     from vlv.stage1 import NonFiniteLoss, train_stage1
+    main = lambda: not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     from vlv.worlds import load_bottleneck, test_images, train_images
     try:
         cfg = get_config(args.preset, args.overrides)
@@ -607,12 +616,17 @@ def stage1_command(args: argparse.Namespace) -> int:
             from vlv.miniature import ensure_miniature
             ensure_miniature()
         images, keys = train_images(cfg)   # a map-style dataset and its cache keys, or a stream (keys None)
-        result = train_stage1(cfg, get_run_dir(args.run_dir, args.preset), images, keys, decoder=load_bottleneck(cfg),
-                              resume=args.resume, stop_after=args.stop_after, progress=args.progress,
+        run_dir = get_run_dir(args.run_dir, args.preset)
+        resume = args.resume or (args.auto_resume and (Path(run_dir) / 'stage1' / 'checkpoints' / 'latest.json').exists())
+        result = train_stage1(cfg, run_dir, images, keys, decoder=load_bottleneck(cfg),
+                              resume=resume, stop_after=args.stop_after, progress=args.progress,
                               sample_images=test_images(cfg, cfg.stage1.sample_images))
     except (NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
         print(f"vlv stage1: error: {e}", file=sys.stderr); return 1
-    if result.history and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    except Preempted as e:
+        if main(): print(f"vlv stage1: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if result.history and main():
         print(f"vlv stage1: {len(result.history)} steps in {result.seconds:.1f} s, final loss {result.history[-1]['loss']:.4f}; "
               f"checkpoint {result.checkpoint}; log {result.folder / 'log.jsonl'}")
     return 0

@@ -29,6 +29,7 @@ from .checkpoints import latest_checkpoint, load_checkpoint, load_state, read_sa
 from .bottleneck import DiffusionDecoder, load_decoder
 from .latents import LatentDataset, cache_latents, default_cache_dir
 from .encoder import VLVEncoder, build_encoder, save_encoder
+from .preemption import Preempted, StopSignals
 from .streams import StreamResumeError, StreamState
 
 # %% auto #0
@@ -574,11 +575,13 @@ class StepLog:
             with atomic_write(path, 'w') as f: f.write(''.join(l + '\n' for l in lines))
         self.window_start, self.losses = time.perf_counter(), []
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict,
+            last: bool = False, # the run stops after this step (a stop signal): write the window so far
+           ) -> None:
         "Count one step's record (step, loss, lr, grad_norm, seconds); write a line when its window ends."
         self.losses.append(record['loss'])
         done, now = record['step'], time.perf_counter()
-        if done % self.every and done != self.end: return
+        if done % self.every and done != self.end and not last: return
         data = dict(self.counters()) if self.counters is not None else {}   # on every process: a source may reduce over them
         if self.write:
             n = len(self.losses)
@@ -605,30 +608,36 @@ def train_stage1(cfg: Config,                              # the whole config (e
                  step_hook: Callable[[int, Tensor], Tensor] | None = None, # (step, loss) -> loss, for fault-injection tests
                  counters: Callable[[], dict] | None = None, # the data counters (read, skipped, ...) -> log; None -> the source's
                 ) -> Stage1Result:
-    "Train the VLV encoder through the frozen decoder (Accelerate; 1 or more processes)."
+    "Train the VLV encoder through the frozen decoder (Accelerate; 1 or more processes); on SIGTERM / SIGUSR1 checkpoint and raise `Preempted`."
     run = prepare_stage1(cfg, run_dir, images, keys, decoder, resume, stop_after, cache_dir, sample_images)
     s, acc, main, history = cfg.stage1, run.acc, run.main, []
     log = StepLog(run.folder / 'log.jsonl', run.start, s.log_every, run.end, s.batch_size, main,
                   acc.log if acc.trackers else None, counters or run.counters)
     bar = tqdm(total=run.end, initial=run.start, desc='stage 1', disable=not (progress and main), dynamic_ncols=True)
-    for step in range(run.start, run.end):
-        def stop(loss: float, norm: float | None, step: int = step):
-            where = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"stage 1 stopped at step {step + 1}: loss {loss}, gradient norm {norm} "
-                                f"(not finite); nothing was applied; {where} (resume from it, e.g. with a lower stage1.lr)")
-        seeds = micro_seeds(cfg.run.seed, step, acc.num_processes, acc.process_index, acc.device)
-        mean_loss, grad_norm = stage1_step(acc, run.model, run.decoder, run.optimizer, run.batches, seeds, s.grad_accum,
-                                           s.grad_clip, run.scheduler, run.features, acc.unwrap_model(run.model),
-                                           encode_latents=run.encode_latents, sample_latents=run.encode_latents and s.latent_sample,
-                                           loss_hook=partial(step_hook, step) if step_hook is not None else None,
-                                           on_nonfinite=stop)
-        done = step + 1
-        history.append(dict(step=done, loss=mean_loss, lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                            seconds=time.perf_counter() - run.t0))
-        log.add(history[-1])
-        if main: bar.update(1); bar.set_postfix(loss=f'{mean_loss:.4f}', lr=f"{history[-1]['lr']:.2e}")
-        if done % s.checkpoint_every == 0 or done == run.end: run.save_checkpoint(done, mean_loss)
-        if done % s.sample_every == 0 or done == s.steps: run.save_grid(done)
+    with StopSignals() as signals:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
+        for step in range(run.start, run.end):
+            def stop(loss: float, norm: float | None, step: int = step):
+                where = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"stage 1 stopped at step {step + 1}: loss {loss}, gradient norm {norm} "
+                                    f"(not finite); nothing was applied; {where} (resume from it, e.g. with a lower stage1.lr)")
+            seeds = micro_seeds(cfg.run.seed, step, acc.num_processes, acc.process_index, acc.device)
+            mean_loss, grad_norm = stage1_step(acc, run.model, run.decoder, run.optimizer, run.batches, seeds, s.grad_accum,
+                                               s.grad_clip, run.scheduler, run.features, acc.unwrap_model(run.model),
+                                               encode_latents=run.encode_latents, sample_latents=run.encode_latents and s.latent_sample,
+                                               loss_hook=partial(step_hook, step) if step_hook is not None else None,
+                                               on_nonfinite=stop)
+            done = step + 1
+            history.append(dict(step=done, loss=mean_loss, lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                seconds=time.perf_counter() - run.t0))
+            preempted = signals.requested(partial(acc.reduce, reduction='sum'), acc.device)   # every process alike
+            log.add(history[-1], last=preempted)
+            if main: bar.update(1); bar.set_postfix(loss=f'{mean_loss:.4f}', lr=f"{history[-1]['lr']:.2e}")
+            if done % s.checkpoint_every == 0 or done == run.end or preempted: run.save_checkpoint(done, mean_loss)
+            if preempted:
+                bar.close()
+                for tracker in acc.trackers: tracker.finish()
+                raise Preempted(signals.name, done, run.checkpoint)
+            if done % s.sample_every == 0 or done == s.steps: run.save_grid(done)
     bar.close()
     seconds, encoder = time.perf_counter() - run.t0, acc.unwrap_model(run.model)
     if main and run.end == s.steps: save_encoder(encoder, run.folder / 'encoder')
