@@ -183,3 +183,25 @@ def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path, tiny
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): torch.testing.assert_close(plain.encoder.eval()(images), cached.encoder.eval()(images), atol=1e-5, rtol=0)
     assert not any(p.requires_grad for p in cached.encoder.parts()['vision'])
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(decoder, cache, tmp_path, tiny_cfg):
+    """stage1.gradient_checkpointing (Florence-2's BART layers) and stage1.unet_checkpointing (the frozen UNet): each layer
+    runs again in backward, and the run is the same, loss for loss and weight for weight (dropout on: its draws are replayed)."""
+    base = 'stage1.steps=3 stage1.sample_every=100 stage1.checkpoint_every=100 encoder.dropout=0.1'
+    runs, calls = {}, {}
+    for name, flags in {'plain': '', 'checkpointed': 'stage1.gradient_checkpointing=true stage1.unet_checkpointing=true'}.items():
+        count = {'bart': 0, 'unet': 0}
+        resnets = {id(m) for m in decoder.unet.modules() if type(m).__name__ == 'ResnetBlock2D'}
+        def hook(module, args):   # every module call, recomputations in backward included (they run inside the layers)
+            if type(module).__name__ == 'BartAttention': count['bart'] += 1
+            if id(module) in resnets: count['unet'] += 1
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        try: runs[name] = train(tiny_cfg(f'{base} {flags}'), tmp_path / name, decoder, cache)
+        finally: handle.remove(); decoder.unet.disable_gradient_checkpointing()
+        calls[name] = count
+    # without checkpointing the forward only; with it the layers that need gradients run again in backward
+    assert 0 < calls['plain']['bart'] < calls['checkpointed']['bart'] and 0 < calls['plain']['unet'] < calls['checkpointed']['unet'], calls
+    assert [h['loss'] for h in runs['plain'].history] == [h['loss'] for h in runs['checkpointed'].history]
+    a, b = weights(runs['plain'].encoder), weights(runs['checkpointed'].encoder)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -230,6 +230,8 @@ class Stage1Config(Section):
     grad_clip: float = Field(1.0, gt=0)                    # max global gradient norm
     mixed_precision: Literal['auto', 'no', 'bf16'] = 'auto' # 'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU
     compile: bool = False                                  # torch.compile the encoder and the UNet
+    gradient_checkpointing: bool = False                   # recompute the BART layers of Florence-2 in backward (less activation memory, more compute)
+    unet_checkpointing: bool = False                       # recompute the frozen UNet's blocks in backward (its activations dominate at 384 px; the reference code's)
     cache_vision_features: bool = False                    # run the frozen vision tower once per image and cache its output
     latent_sample: bool = False                            # draw latents from the cached VAE posterior instead of its mean
     checkpoint_every: int = Field(500, ge=1)               # steps between checkpoints (and one at the end)

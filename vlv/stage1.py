@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,8 +39,8 @@ __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_data
            'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
            'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
            'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
-           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
-           'accelerate_config']
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'deepspeed_settings', 'check_launch',
+           'prepare_stage1', 'StepLog', 'train_stage1', 'accelerate_config']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
@@ -179,7 +180,7 @@ def make_optimizer(encoder: VLVEncoder, cfg: Config, device: torch.device,
 
 # %% ../nbs/04_stage1.ipynb #83a08c75
 RESUMABLE_SECTIONS = ('encoder', 'stage1', 'bottleneck', 'data')
-FREE_FIELDS = {'stage1': {'checkpoint_every', 'keep_checkpoints', 'log_every', 'sample_every', 'sample_images', 'log_with', 'eval_scenes',
+FREE_FIELDS = {'stage1': {'gradient_checkpointing', 'unet_checkpointing', 'checkpoint_every', 'keep_checkpoints', 'log_every', 'sample_every', 'sample_images', 'log_with', 'eval_scenes',
                           'eval_batch_size', 'eval_guidance', 'query_ablation', 'ablation_steps', 'ablation_scenes'}}
 
 
@@ -298,7 +299,8 @@ def stage1_loss(model: torch.nn.Module,        # the encoder as trained (prepare
             F.interpolate(pixels, size=(size, size), mode='bilinear', antialias=True, align_corners=False).clamp(0, 1)
         with torch.no_grad(): latents = decoder.encode_images(x, sample=sample_latents)
     else: latents = batch['latents'].to(device, non_blocking=True)
-    z = model(vision_features=features(encoder, batch['index'], pixels)) if features is not None else model(pixels)
+    if features is not None: z = model(vision_features=features(encoder, batch['index'], pixels))
+    else: z = model(pixels.to(next(model.parameters()).dtype))   # bf16 under DeepSpeed's bf16 (weights cast), else fp32
     return decoder.denoising_loss(latents, decoder.encode_embeddings(z), generator=generator)
 
 # %% ../nbs/04_stage1.ipynb #d2e02ddc
@@ -473,7 +475,7 @@ class Stage1Run:
         else: stream = {}
         if self.main:
             save_checkpoint(self.folder / 'checkpoints', step, partial(save_encoder_into, self.acc.unwrap_model(self.model), state),
-                            self.optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, config=self.cfg.model_dump(mode='json'),
+                            self.optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, distributed=self.acc.distributed_type.name, config=self.cfg.model_dump(mode='json'),
                                                                  loss=loss, seconds=time.perf_counter() - self.t0, **stream), s.keep_checkpoints)
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
@@ -513,18 +515,50 @@ def stage1_batches(cfg: Config, data: torch.utils.data.Dataset, world: int, rank
     return batches, batches
 
 
+# %% ../nbs/04_stage1.ipynb #843d14bb
+def deepspeed_settings(acc: Accelerator, # its DeepSpeed plugin's config is completed in place (nothing without one)
+                       cfg: Config,      # uses cfg.stage1
+                      ) -> None:
+    "Give DeepSpeed stage 1's micro-batch and check that its accumulation and clipping are vlv's (an error names both values)."
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None: return
+    s, conf = cfg.stage1, plugin.deepspeed_config
+    if s.grad_accum != 1:
+        raise ValueError(f"stage1.grad_accum={s.grad_accum}: under DeepSpeed the engine steps inside backward, so vlv's "
+                         "accumulation does not apply; use stage1.grad_accum=1 (more processes) or the DDP / FSDP configs")
+    for key, ours, name in (('gradient_accumulation_steps', 1, 'stage1.grad_accum'), ('gradient_clipping', s.grad_clip, 'stage1.grad_clip')):
+        theirs = conf.get(key, 'auto')
+        if theirs == 'auto': conf[key] = ours
+        elif float(theirs) != float(ours):
+            raise ValueError(f"the DeepSpeed config has {key}={theirs} but {name}={ours}: make them equal (DeepSpeed applies it)")
+    conf['train_micro_batch_size_per_gpu'] = micro_batch(s.batch_size, 1, acc.num_processes)
+    conf['train_batch_size'] = s.batch_size
+
+
+def check_launch(acc: Accelerator) -> None:
+    "Refuse a launch whose FSDP or DeepSpeed config Accelerate did not apply (without GPUs it falls back to plain processes)."
+    asked = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED'))
+             if os.environ.get(var, 'false').lower() == 'true']
+    world = int(os.environ.get('WORLD_SIZE', acc.num_processes))
+    if asked and (acc.distributed_type.name != asked[0].upper() or acc.num_processes != world):
+        raise ValueError(f"launched with a {asked[0]} config, but Accelerate runs {acc.distributed_type.name} with {acc.num_processes} "
+                         f"of {world} processes: without GPUs Accelerate has no {asked[0]} backend (DeepSpeed's CPU accelerator "
+                         "runs one process), and run.device=cpu turns it off; use the DDP config there")
+
 # %% ../nbs/04_stage1.ipynb #1db8b8d0
 def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Dataset, keys: Sequence[str] | None,
                    decoder: DiffusionDecoder | None, resume: bool, stop_after: int | None, cache_dir: str | Path | None,
                    sample_images: Tensor | None) -> Stage1Run:
     "Accelerator, frozen decoder, data (latent cache or stream), encoder, optimiser, schedule and micro-batches of a run (see `train_stage1`)."
     s = cfg.stage1
-    cpu = cfg.run.device == 'cpu' or not torch.cuda.is_available()
-    precision = ('bf16' if not cpu else 'no') if s.mixed_precision == 'auto' else s.mixed_precision
+    deepspeed = os.environ.get('ACCELERATE_USE_DEEPSPEED', 'false').lower() == 'true'   # launched with a DeepSpeed config
+    cpu = cfg.run.device == 'cpu' or not (torch.cuda.is_available() or deepspeed)   # DeepSpeed has a CPU accelerator of its own
+    precision = ('bf16' if not cpu and torch.cuda.is_available() else 'no') if s.mixed_precision == 'auto' else s.mixed_precision
     folder = Path(run_dir) / 'stage1'; ckpt_dir = folder / 'checkpoints'
     trackers = tracker_names(s.log_with)
     acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=make_trackers(trackers, folder) or None, project_dir=folder)
     device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
+    check_launch(acc)
     if not resume and (ckpt_dir / 'latest.json').exists():   # checked by every process, before any work
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass resume=True to continue, or use a new run folder")
     if resume and latest_checkpoint(ckpt_dir) is None:
@@ -534,22 +568,30 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     # frozen decoder (bf16 weights under bf16 autocast) and data
     decoder = decoder if decoder is not None else load_decoder(cfg.bottleneck)
     decoder = decoder.to(device)
-    configure_decoder(decoder, precision)
+    configure_decoder(decoder, precision, checkpointing=s.unet_checkpointing)
     streaming = isinstance(images, torch.utils.data.IterableDataset)   # a stream: the VAE runs in the step, no cache
     if streaming and s.cache_vision_features and not cfg.encoder.train_vision:
         raise ValueError("stage1.cache_vision_features keys on item indices, which a stream has not: set it false")
     data, counters = (images, None) if streaming else stage1_cache(cfg, images, keys, decoder, cache_dir or default_cache_dir(folder), acc)
     # encoder, optimiser, schedule
     encoder = build_encoder(cfg.encoder, decoder.text_width, seed=cfg.run.seed).to(device)
+    if s.gradient_checkpointing:   # the BART layers (transformers' GradientCheckpointingLayer); the frozen DaViT needs none
+        encoder.florence.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     if encoder.num_queries > decoder.max_length:
         raise ValueError(f"encoder.num_queries={encoder.num_queries} exceeds the text encoder's {decoder.max_length} positions")
     optimizer, scheduler = make_optimizer(encoder, cfg, device)
     start, checkpoint, saved = 0, None, {}
     if resume:
         checkpoint = latest_checkpoint(ckpt_dir)
+        launched = json.loads((checkpoint / 'state.json').read_text()).get('distributed')
+        if 'DEEPSPEED' in (launched, acc.distributed_type.name):   # ZeRO partitions the optimizer state over the ranks
+            raise ValueError(f"cannot resume {checkpoint} ({launched} -> {acc.distributed_type.name}): a DeepSpeed run's "
+                             "checkpoint holds complete weights but not every rank's share of the optimizer state, so it "
+                             "does not resume exactly; train with the DDP or FSDP config to resume after a stop")
         saved = load_stage1_checkpoint(checkpoint, encoder, optimizer, scheduler, cfg); start = saved['step']
         if streaming and 'stream' not in saved: raise StreamResumeError(f"{checkpoint} holds no stream position: cannot resume a stream from it")
     end = min(s.steps, stop_after) if stop_after is not None else s.steps
+    deepspeed_settings(acc, cfg)
     model, optimizer = acc.prepare(encoder, optimizer)   # the schedule counts optimiser steps itself (not per process)
     if s.compile: model = torch.compile(model); decoder.unet = torch.compile(decoder.unet)
     features = FeatureCache() if s.cache_vision_features and not cfg.encoder.train_vision else None
