@@ -92,6 +92,35 @@ def test_loss_errors(cfg, bottleneck, new_captioner):
         captioner.loss(torch.randn(1, 120, bottleneck.text_width), CAPTIONS[1:])
 
 
+
+def test_training_never_computes_logits_of_the_prefix(tmp_path, tiny_cfg, new_model):
+    """Stage-2 training steps through `train_stage2` (LM trained, conditioning not cached): the LM head only ever sees
+    the caption positions of the sequence the LM just ran (never its N prefix positions), at most `logit_chunk` of
+    them (whole captions) a call, and the LM's full forward (logits at every position) never runs."""
+    cfg = tiny_cfg(STAGE2, 'decode.steps=2 decode.batch_size=6 decode.cache_conditioning=false')
+    model, data = new_model(cfg), make_splits(cfg.data, seed=0)['train']
+    captioner = model.caption_decoder
+    captioner.logit_chunk = 40
+    events = []
+    hooks = [captioner.lm.base_model.register_forward_hook(lambda m, a, out: events.append(('lm', out.last_hidden_state.shape[1]))),
+             captioner.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: events.append(('head', *out.shape))),
+             captioner.lm.register_forward_hook(lambda m, a, out: events.append(('full',)))]
+    try: train_stage2(model, data, cfg, tmp_path, progress=False)
+    finally:
+        for h in hooks: h.remove()
+    prefix, start = model.conditioning(make_batch(data, [0])['image']).shape[1], len(captioner.start_ids)   # N, 1 (BOS)
+    assert [e[0] for e in events if e[0] != 'head'] == ['lm', 'lm']   # one LM pass a step; never the full forward
+    heads = []
+    for event in events:
+        if event[0] == 'lm': length = event[1]
+        else:
+            _, rows, positions, width = event
+            assert positions == length - prefix - start and width == len(captioner.tokenizer)   # caption positions only
+            assert rows * positions <= max(40, positions)
+            heads.append(rows)
+    assert sum(heads) == 2 * 2 * 6   # 2 steps x (forward + recompute in backward) x 6 captions
+
+
 # --- generation ----------------------------------------------------------------------------------------------------
 
 def force_eos(lm, eos_id, after):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from fastcore.basics import patch
@@ -32,10 +33,10 @@ from .bottleneck import DiffusionDecoder, load_decoder
 from .encoder import VLVEncoder, load_encoder, save_encoder
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'lm_config', 'build_lm', 'lm_path', 'save_lm', 'load_lm', 'build_psi', 'CaptionDecoder', 'Captions',
-           'hf_generate', 'encoder_language_model_parameters', 'whole_encoder_parameters', 'Stage2Model', 'save_vlv',
-           'load_vlv', 'captioned_indices', 'make_batch', 'conditioning_cache', 'save_trainable_into', 'train_stage2',
-           'caption_items', 'CaptionEmbedder']
+__all__ = ['TRAINABLE', 'lm_config', 'build_lm', 'lm_path', 'save_lm', 'load_lm', 'build_psi', 'CaptionDecoder',
+           'chunked_cross_entropy', 'Captions', 'hf_generate', 'encoder_language_model_parameters',
+           'whole_encoder_parameters', 'Stage2Model', 'save_vlv', 'load_vlv', 'captioned_indices', 'make_batch',
+           'conditioning_cache', 'save_trainable_into', 'train_stage2', 'caption_items', 'CaptionEmbedder']
 
 # %% ../nbs/05_decode.ipynb #27da26e1
 def lm_config(cfg: DecodeConfig, # uses the lm_* fields
@@ -119,8 +120,10 @@ class CaptionDecoder(nn.Module):
                  text_width: int,             # D_text: width of the conditioning
                  psi_hidden: int | None = None, # psi's hidden width; None -> the LM width
                  seed: int = 0,               # seed of psi's random initialisation
+                 logit_chunk: int = 1024,     # caption tokens per LM-head + cross-entropy chunk in the loss (`chunked_cross_entropy`)
                 ):
         super().__init__()
+        self.logit_chunk = logit_chunk
         if tokenizer.eos_token_id is None: raise ValueError("the LM's tokenizer has no EOS token: captions could not end")
         self.lm, self.tokenizer = lm, tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -151,6 +154,21 @@ class CaptionDecoder(nn.Module):
         return (f"CaptionDecoder(psi {n(self.psi)}: {self.text_width} -> {self.psi[0].out_features} -> {self.lm_width}, "
                 f"{type(self.lm).__name__} {n(self.lm)}, {type(self.tokenizer).__name__}({len(self.tokenizer)} tokens))")
 
+# %% ../nbs/05_decode.ipynb #c967fea6
+def chunked_cross_entropy(head: nn.Module,  # the LM head: [..., D] -> [..., vocabulary] logits
+                          hidden: Tensor,   # [B, T] hidden states of the caption positions only, [B, T, D]
+                          targets: Tensor,  # [B, T] the token each position predicts
+                          chunk: int,       # positions per head call: max(1, chunk // T) captions at a time
+                         ) -> Tensor:       # [B, T] fp32 losses
+    "Cross-entropy of `head(hidden)`, a few captions at a time; under autograd each chunk's logits are recomputed in backward, not kept."
+    if chunk < 1: raise ValueError(f"chunk must be >= 1, got {chunk}")
+    piece = lambda h, t: F.cross_entropy(head(h).float().transpose(1, 2), t, reduction='none')
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    rows = max(1, chunk // max(hidden.shape[1], 1))
+    parts = [checkpoint(piece, h, t, use_reentrant=False) if grad else piece(h, t)
+             for h, t in zip(hidden.split(rows), targets.split(rows))]
+    return torch.cat(parts) if parts else hidden.new_zeros(targets.shape, dtype=torch.float32)
+
 # %% ../nbs/05_decode.ipynb #de271df5
 @patch
 def token_losses(self: CaptionDecoder,
@@ -171,9 +189,8 @@ def token_losses(self: CaptionDecoder,
     attention = torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device), mask], 1)
     hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
     # position n-1+j predicts caption token j; the prefix and the start token are never targets
-    logits = self.lm.get_output_embeddings()(hidden[:, n - 1 + s:-1])
     targets, scored = ids[:, s:], mask[:, s:].bool()
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction='none')
+    losses = chunked_cross_entropy(self.lm.get_output_embeddings(), hidden[:, n - 1 + s:-1], targets, self.logit_chunk)
     return losses * scored, scored
 
 @patch
