@@ -489,9 +489,10 @@ class WebDatasetSource(StreamSource):
     def __init__(self,
                  urls: str | Path | list,      # shard path/URL, brace pattern, or a list
                  shuffle_shards: bool = False, # shuffle shard order each pass (seed + epoch)
+                 caption_key: str = 'caption', # the `.json` field read as the caption of a sample without `.txt`
                  **kwargs,                     # size, transform, on_error, max_pixels, filters, seed, shuffle_buffer, repeat: see `StreamSource`
                 ):
-        self.shards, self.shuffle_shards = expand_shards(urls), shuffle_shards
+        self.shards, self.shuffle_shards, self.caption_key = expand_shards(urls), shuffle_shards, caption_key
         super().__init__(**kwargs)
 
     @property
@@ -548,7 +549,10 @@ def decode(self: WebDatasetSource, sample: dict, counts: dict | None = None) -> 
             raise SampleError(name, f"sample has no image (members: {members})", 'no_image')
         try: caption = sample['txt'].decode('utf-8').strip() if 'txt' in sample else None
         except UnicodeDecodeError as e: raise SampleError(name, f'caption is not UTF-8 text ({e.reason})', 'bad_caption') from None
-        return sample[ext], f'{name}.{ext}', caption, _sample_meta(sample, name) if self.filters.uses_meta else {}
+        wanted = self.filters.uses_meta or (caption is None and self.require_caption)   # stage 2 reads a JSON caption
+        meta = _sample_meta(sample, name) if wanted else {}
+        if caption is None and isinstance(meta.get(self.caption_key), str): caption = meta[self.caption_key].strip()
+        return sample[ext], f'{name}.{ext}', caption, meta
     return self._item(name, sample.get('__key__'), read, counts)
 
 # %% ../nbs/01a_sources.ipynb #a01444c5

@@ -28,7 +28,8 @@ from .tokenizers import caption_ids
 from .decode import Stage2Model, make_batch
 from .preemption import Preempted, StopSignals
 from .streams import StreamState
-from .stage1 import StepLog, flat_config, make_trackers, micro_batch, stream_batches, stream_counters, tracker_names
+from .stage1 import (StepLog, flat_config, make_trackers, micro_batch, micro_seeds, stream_batches, stream_counters,
+                        tracker_names)
 
 # %% auto #0
 __all__ = ['FREE_DECODE_FIELDS', 'captioned_indices', 'conditioning_cache', 'scored_tokens', 'DrawnBatches', 'collate_pairs',
@@ -241,6 +242,7 @@ def stage2_step(acc: Accelerator,                  # or anything with its device
                 tokenizer,                         # the LM's tokenizer (counts the scored tokens)
                 grad_clip: float = 1.0,            # max global gradient norm
                 step: int = 0,                     # named in errors
+                seeds: Callable[[int], Any] | None = None, # micro-batch number -> seeds dropout (`vlv.stage1.micro_seeds`)
                ) -> tuple[float, float, int]:      # token-mean loss over the global batch, gradient norm, scored tokens
     "One optimiser step: each micro-batch's loss weighted by its share of the global batch's scored tokens, so any split gives the same mean."
     counts = [scored_tokens(tokenizer, batch['caption']) for batch in micro]
@@ -249,6 +251,7 @@ def stage2_step(acc: Accelerator,                  # or anything with its device
     step_loss = torch.zeros((), device=acc.device)
     for m, batch in enumerate(micro):
         batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if seeds is not None: seeds(m)
         with acc.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
             loss = model(batch)   # the token mean of this micro-batch
             acc.backward(loss if single else loss * (counts[m] * world / total))
@@ -285,8 +288,9 @@ def train_stage2(model: Stage2Model,      # the captioner (moved to the accelera
             scale = warmup_cosine(step, d.steps, d.warmup_steps)
             for g in run.optimizer.param_groups: g['lr'] = g['initial_lr'] * scale
             if step_hook is not None: step_hook(step)
+            seeds = micro_seeds(cfg.run.seed, step, acc.num_processes, acc.process_index)   # dropout of a trained encoder
             loss, norm, tokens = stage2_step(acc, run.model, run.optimizer, run.params, run.batches.step(step), tokenizer,
-                                             d.grad_clip, step)
+                                             d.grad_clip, step, seeds)
             history.append(dict(step=step, loss=loss, lr=run.optimizer.param_groups[0]['lr'], seconds=time.time() - t0,
                                 grad_norm=norm, tokens=tokens))
             done = step + 1
