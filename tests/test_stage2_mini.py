@@ -4,7 +4,6 @@ streamed; samples without a caption skipped and counted; stop + resume equal to 
 `vlv stage2 --preset mini` under `accelerate launch` with 2 CPU processes (gloo), resumed."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import torch
 from vlv.bottleneck import load_decoder
 from vlv.decode import CaptionDecoder, Stage2Model, load_lm
 from vlv.encoder import build_encoder, save_encoder
-from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, photo_records, write_photo_shards
+from vlv.miniature import PHOTOS, miniature_config, photo, photo_records, write_photo_shards
 from vlv.preemption import Preempted
 from vlv.sources import write_shard
 from vlv.stage2 import train_stage2
@@ -29,15 +28,13 @@ NO_CAPTION = 2   # the photo stored without a caption
 
 
 @pytest.fixture(scope='module')
-def mini(tmp_path_factory):
+def mini(miniature, tmp_path_factory):
     "(folder of the miniature, shard pattern of its 16 photos with photo 2 uncaptioned, the frozen decoder, a stage-1 encoder)."
-    root = tmp_path_factory.mktemp('mini')
-    folder = ensure_miniature(miniature_config(root / 'miniature'))
-    pattern = root / 'shards' / 'photos-{00000..00001}.tar'
+    pattern = tmp_path_factory.mktemp('shards') / 'photos-{00000..00001}.tar'
     write_photo_shards(pattern, [(p, n, None if i == NO_CAPTION else c) for i, (p, n, c) in enumerate(PHOTOS)])
-    cfg = miniature_config(folder)
+    cfg = miniature_config(miniature)
     decoder = load_decoder(cfg.bottleneck)
-    return folder, str(pattern), decoder, build_encoder(cfg.encoder, decoder.text_width, seed=0)
+    return miniature, str(pattern), decoder, build_encoder(cfg.encoder, decoder.text_width, seed=0)
 
 
 @pytest.fixture(scope='module')
@@ -174,3 +171,8 @@ def test_two_processes_run_and_resume(mini, tmp_path, run_process):
     # rank r reads shard r (8 photos; photo 2 of shard 0 has no caption), 2 captioned photos a step
     assert {p['reader']: p['epoch'] * 8 + p['consumed'] for p in state['positions']} == {0: 9, 1: 8}
     assert (tmp_path / 'run' / 'model' / 'caption_decoder' / 'psi.safetensors').is_file()
+    events = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+    acc = events.EventAccumulator(str(tmp_path / 'run' / 'stage2' / 'tensorboard'), size_guidance={events.SCALARS: 0}).Reload()
+    assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4]
+    assert all(e.value > 0 for e in acc.Scalars('train/tokens_per_s')) and acc.Scalars('train/lr')
+    assert acc.Scalars('data/no_caption')[-1].value == 1
