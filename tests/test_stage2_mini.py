@@ -176,3 +176,16 @@ def test_two_processes_run_and_resume(mini, tmp_path, run_process):
     assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4]
     assert all(e.value > 0 for e in acc.Scalars('train/tokens_per_s')) and acc.Scalars('train/lr')
     assert acc.Scalars('data/no_caption')[-1].value == 1
+
+
+def test_gradient_checkpointing_recomputes_the_same(mini, tmp_path, monkeypatch):
+    "decode.gradient_checkpointing: the LM's layers run under non-reentrant checkpoints, and training is unchanged."
+    folder, pattern, *_ = mini
+    data = {'data.path': pattern, 'decode.steps': 2, 'decode.train': 'psi+lm'}
+    plain, w_plain = run(config(folder, **data), tmp_path / 'plain', mini)
+    modeling = pytest.importorskip('transformers.modeling_utils')   # where the LM's layers find `checkpoint`
+    calls, checkpoint = [], modeling.checkpoint
+    monkeypatch.setattr(modeling, 'checkpoint', lambda *a, **k: calls.append(k.get('use_reentrant')) or checkpoint(*a, **k))
+    saved, w_saved = run(config(folder, **data, **{'decode.gradient_checkpointing': True}), tmp_path / 'saved', mini)
+    assert calls and set(calls) == {False}
+    assert [h['loss'] for h in saved] == [h['loss'] for h in plain] and same_weights(w_plain, w_saved)

@@ -212,8 +212,10 @@ def prepare_stage2(model: Stage2Model, data, cfg: Config, out_dir: str | Path, r
     groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr, encoder_lr=d.encoder_lr)
     for g in groups: g['initial_lr'] = g['lr']
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=d.weight_decay, fused=acc.device.type == 'cuda' or None)
-    if d.gradient_checkpointing and 'lm' in d.train:
-        model.caption_decoder.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    if d.gradient_checkpointing and 'lm' in d.train:   # transformers 5 renamed gradient_checkpointing_enable
+        lm, kwargs = model.caption_decoder.lm, {'use_reentrant': False}
+        if hasattr(lm, 'activation_checkpointing_enable'): lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else: lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     settings, history, start, saved = stage2_settings(model, cfg), [], 0, {}
     checkpoint = latest_checkpoint(folder / 'checkpoints') if resume else None
     if checkpoint is not None:
