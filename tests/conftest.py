@@ -95,6 +95,13 @@ def run_process() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+@pytest.fixture(scope='session')
+def miniature(tmp_path_factory) -> Path:
+    "The miniature of the paper path (`vlv.miniature`: tiny random-init models in the Hub's layout, shards of 16 photos), written once."
+    from vlv.miniature import ensure_miniature, miniature_config
+    return ensure_miniature(miniature_config(tmp_path_factory.mktemp('mini') / 'miniature'))
+
+
 PHOTO_NAMES = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'immunohistochemistry', 'coins', 'moon', 'cat')
 
 

@@ -9,8 +9,8 @@ from torch import nn
 from vlv.checkpoints import latest_checkpoint
 from vlv.core import get_config
 from vlv.data import CAPTION_WORDS, make_splits, parse_caption
-from vlv.decode import (TRAINABLE, CaptionDecoder, Captions, Stage2Model, captioned_indices, hf_generate, lm_path, load_lm,
-                        make_batch, train_stage2)
+from vlv.decode import TRAINABLE, CaptionDecoder, Captions, Stage2Model, hf_generate, lm_path, load_lm, make_batch
+from vlv.stage2 import captioned_indices, train_stage2
 from vlv.lm import perplexity, sample_text, text_loss, well_formed
 from vlv.tokenizers import caption_ids, lm_tokenizer
 from vlv.worlds import caption_tokenizer, caption_transform

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from vlv.core import get_config
-from vlv.stage1 import accelerate_config, deepspeed_settings
+from vlv.launch import deepspeed_settings
+from vlv.stage1 import accelerate_config
 
 MINI_DATA = ['-o', 'run.device=auto']   # DeepSpeed brings its own CPU accelerator: the run must not ask Accelerate for the CPU
 

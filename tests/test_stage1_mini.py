@@ -20,20 +20,18 @@ import vlv.stage1 as S
 from vlv.bottleneck import load_decoder
 from vlv.checkpoints import unique_state
 from vlv.preemption import EXIT_PREEMPTED, Preempted
-from vlv.miniature import PHOTOS, ensure_miniature, miniature_config, photo, write_photo_shards
+from vlv.miniature import PHOTOS, miniature_config, photo, write_photo_shards
 from vlv.worlds import train_images
 
 QUIET = {'stage1.log_with': 'none', 'stage1.sample_every': 100, 'stage1.checkpoint_every': 100}
 
 
 @pytest.fixture(scope='module')
-def mini(tmp_path_factory):
+def mini(miniature, tmp_path_factory):
     "(folder of the miniature, shard pattern of its 16 photos with photo 1 a truncated JPEG, the frozen decoder)."
-    root = tmp_path_factory.mktemp('mini')
-    folder = ensure_miniature(miniature_config(root / 'miniature'))
-    pattern = root / 'bad-shards' / 'photos-{00000..00001}.tar'
+    pattern = tmp_path_factory.mktemp('bad-shards') / 'photos-{00000..00001}.tar'
     write_photo_shards(pattern, corrupt=(1,))
-    return folder, str(pattern), load_decoder(miniature_config(folder).bottleneck)
+    return miniature, str(pattern), load_decoder(miniature_config(miniature).bottleneck)
 
 
 @pytest.fixture(scope='module')

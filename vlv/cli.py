@@ -36,14 +36,13 @@ from .core import PRESETS, add_overrides_argument, get_config, get_run_dir, proj
 from .report import load_manifest, refresh_report_timing
 
 # %% auto #0
-__all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED_PACKAGES', 'RUN_EPILOG', 'STAGE1_EPILOG',
-           'COMMANDS', 'RunError', 'NotebookFailed', 'RunInterrupted', 'notebook_key', 'pipeline_notebooks',
-           'project_nbs_dir', 'parse_value', 'notebook_parameters', 'plan_parameters', 'resolve_start',
-           'check_resumable', 'CurrentPythonKernelManager', 'kernel_manager_for', 'git_state', 'package_versions',
-           'host_info', 'RunPlan', 'plan_run', 'new_manifest', 'execute_notebook', 'execute_run', 'run_pipeline',
-           'add_run_arguments', 'parse_parameters', 'run_command', 'collapse_streams', 'publish_outputs',
-           'add_publish_arguments', 'publish_command', 'add_stage1_arguments', 'stage1_command', 'Command',
-           'build_parser', 'main']
+__all__ = ['NOTEBOOK_RE', 'FIRST_TOOL_NUMBER', 'RESERVED_PARAMETERS', 'VERSIONED_PACKAGES', 'RUN_EPILOG', 'COMMANDS', 'RunError',
+           'NotebookFailed', 'RunInterrupted', 'notebook_key', 'pipeline_notebooks', 'project_nbs_dir', 'parse_value',
+           'notebook_parameters', 'plan_parameters', 'resolve_start', 'check_resumable', 'CurrentPythonKernelManager',
+           'kernel_manager_for', 'git_state', 'package_versions', 'host_info', 'RunPlan', 'plan_run', 'new_manifest',
+           'execute_notebook', 'execute_run', 'run_pipeline', 'add_run_arguments', 'parse_parameters', 'run_command',
+           'collapse_streams', 'publish_outputs', 'add_publish_arguments', 'publish_command', 'Command', 'build_parser',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #3eafbde8
 class RunError(Exception):
@@ -575,62 +574,6 @@ def publish_command(args: argparse.Namespace) -> int:
         print(f"vlv publish: error: {e}", file=sys.stderr); return 2
     return 0
 
-# %% ../nbs/90_cli.ipynb #a6a0e7ea
-STAGE1_EPILOG = """\
-examples:
-  vlv stage1 --preset toy --run-dir runs/toy
-  vlv stage1 --preset toy --run-dir runs/try -o stage1.steps=20 -o data.n_train=500 run.seed=1
-  vlv stage1 --preset mini --run-dir runs/mini --stop-after 2 && vlv stage1 --preset mini --run-dir runs/mini --resume
-  vlv stage1 --preset paper --run-dir runs/paper --auto-resume     # a requeued job: continue if there is a checkpoint
-
-On SIGTERM or SIGUSR1 (SLURM preemption, --signal) the run finishes its step, writes a checkpoint and exits with
-status 75; the same command plus --resume (or --auto-resume) continues it exactly.
-  accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
-      -m vlv.cli stage1 --preset paper --run-dir runs/paper
-"""
-
-
-def add_stage1_arguments(parser: argparse.ArgumentParser) -> None:
-    "Options of `vlv stage1` (the parameters of nbs/04_stage1)."
-    parser.add_argument('--preset', default='smoke', choices=list(PRESETS), help="config preset (default: %(default)s)")
-    parser.add_argument('--run-dir', help="run folder; outputs go to RUN_DIR/stage1 (default: runs/nb-PRESET)")
-    add_overrides_argument(parser)
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument('--resume', action='store_true', help="continue from RUN_DIR/stage1/checkpoints/latest.json")
-    resume.add_argument('--auto-resume', action='store_true',
-                        help="continue from the latest checkpoint if RUN_DIR has one, else start (for jobs that requeue themselves)")
-    parser.add_argument('--stop-after', type=int, metavar='STEP', help="stop with a checkpoint after this step (continue with --resume)")
-    parser.add_argument('--no-progress', dest='progress', action='store_false', help="no progress bar")
-
-
-def stage1_command(args: argparse.Namespace) -> int:
-    "Handler of `vlv stage1`: train on the config's world, print where everything went; exit 1 with the reason on failure, 75 when preempted."
-    import torch
-    from vlv.preemption import EXIT_PREEMPTED, Preempted
-    from vlv.stage1 import NonFiniteLoss, train_stage1
-    main = lambda: not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    from vlv.worlds import load_bottleneck, test_images, train_images
-    try:
-        cfg = get_config(args.preset, args.overrides)
-        if args.preset == 'mini':   # its tiny models and shards, written once (seconds) where the preset points
-            from vlv.miniature import ensure_miniature
-            ensure_miniature()
-        images, keys = train_images(cfg)   # a map-style dataset and its cache keys, or a stream (keys None)
-        run_dir = get_run_dir(args.run_dir, args.preset)
-        resume = args.resume or (args.auto_resume and (Path(run_dir) / 'stage1' / 'checkpoints' / 'latest.json').exists())
-        result = train_stage1(cfg, run_dir, images, keys, decoder=load_bottleneck(cfg),
-                              resume=resume, stop_after=args.stop_after, progress=args.progress,
-                              sample_images=test_images(cfg, cfg.stage1.sample_images))
-    except (NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
-        print(f"vlv stage1: error: {e}", file=sys.stderr); return 1
-    except Preempted as e:
-        if main(): print(f"vlv stage1: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    if result.history and main():
-        print(f"vlv stage1: {len(result.history)} steps in {result.seconds:.1f} s, final loss {result.history[-1]['loss']:.4f}; "
-              f"checkpoint {result.checkpoint}; log {result.folder / 'log.jsonl'}")
-    return 0
-
 # %% ../nbs/90_cli.ipynb #0e70394d
 @dataclass(frozen=True)
 class Command:
@@ -656,7 +599,9 @@ COMMANDS: dict[str, Command] = {
     'publish': Command("copy an executed run notebook's outputs back into nbs/ (cells must be unchanged)",
                        'vlv.cli:add_publish_arguments', 'vlv.cli:publish_command'),
     'stage1': Command("stage 1: train the VLV encoder through the frozen decoder (Accelerate)",
-                      'vlv.cli:add_stage1_arguments', 'vlv.cli:stage1_command', 'vlv.cli:STAGE1_EPILOG'),
+                      'vlv.stages:add_stage1_arguments', 'vlv.stages:stage1_command', 'vlv.stages:STAGE1_EPILOG'),
+    'stage2': Command("stage 2: train the caption decoder on the stage-1 encoder of a run folder (Accelerate)",
+                      'vlv.stages:add_stage2_arguments', 'vlv.stages:stage2_command', 'vlv.stages:STAGE2_EPILOG'),
     'caption': Command("caption image files, folders or manifests with a saved model -> JSON {name: caption}",
                        'vlv.apps:add_caption_arguments', 'vlv.apps:caption_command', 'vlv.apps:CAPTION_EPILOG'),
     'reconstruct': Command("reconstruct images through their continuous captions -> PNGs (original | reconstruction)",

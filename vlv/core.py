@@ -148,9 +148,14 @@ class DecodeConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
     steps: int = Field(1500, ge=1)                         # optimiser steps (cosine decay to zero at the end)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)                      # global batch per optimiser step (all processes and micro-batches)
+    grad_accum: int = Field(1, ge=1)                       # micro-batches per optimiser step
+    gradient_checkpointing: bool = False                   # recompute the LM's activations in the backward pass (memory for time)
+    mixed_precision: Literal['auto', 'no', 'bf16'] = 'auto' # 'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(500, ge=1)               # steps between checkpoints (and one at the end)
+    log_every: int = Field(10, ge=1)                       # steps between JSONL / tracker log lines
+    log_with: str | tuple[str, ...] = ('tensorboard',)     # Accelerate trackers (tensorboard, wandb, mlflow, ...) or 'none'
     max_new_tokens: int = Field(64, ge=1)                  # generation limit (reference code: 300)
     num_beams: int = Field(1, ge=1)                        # 1 -> greedy; reference code: 4
     eval_scenes: int = Field(500, ge=1)                    # held-in / held-out test scenes captioned
@@ -165,6 +170,8 @@ class DecodeConfig(Section):
         if self.lm_width % self.lm_heads or self.lm_heads % self.lm_kv_heads:
             raise ValueError(f"lm_heads={self.lm_heads} must divide lm_width={self.lm_width} and be a multiple of "
                              f"lm_kv_heads={self.lm_kv_heads}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"decode.grad_accum={self.grad_accum} must divide decode.batch_size={self.batch_size}")
         return self
 
 # %% ../nbs/00_core.ipynb #d1d5f213

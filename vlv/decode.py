@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import importlib.util
 import time
-import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,9 +22,8 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json, warmup_cosine
-from .checkpoints import (latest_checkpoint, load_checkpoint, load_strict, load_trainable, load_weights, save_checkpoint,
-                             save_trainable)
+from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json
+from .checkpoints import load_strict, load_weights
 from .tokenizers import caption_ids, load_tokenizer, pad_batch
 from .hub import hub_errors, pretrained_source
 from .bottleneck import DiffusionDecoder, load_decoder
@@ -35,8 +32,8 @@ from .encoder import VLVEncoder, load_encoder, save_encoder
 # %% auto #0
 __all__ = ['TRAINABLE', 'lm_config', 'build_lm', 'lm_path', 'save_lm', 'load_lm', 'build_psi', 'CaptionDecoder',
            'chunked_cross_entropy', 'Captions', 'hf_generate', 'encoder_language_model_parameters',
-           'whole_encoder_parameters', 'Stage2Model', 'save_vlv', 'load_vlv', 'captioned_indices', 'make_batch',
-           'conditioning_cache', 'save_trainable_into', 'train_stage2', 'caption_items', 'CaptionEmbedder']
+           'whole_encoder_parameters', 'Stage2Model', 'save_vlv', 'load_vlv', 'make_batch', 'caption_items',
+           'CaptionEmbedder']
 
 # %% ../nbs/05_decode.ipynb #27da26e1
 def lm_config(cfg: DecodeConfig, # uses the lm_* fields
@@ -343,8 +340,9 @@ class Stage2Model(nn.Module):
             return self.bottleneck.encode_embeddings(self.encoder(inputs))
 
     def loss(self, batch: Mapping) -> Tensor:
-        "Caption loss of a batch {input_key: encoder inputs, 'caption': texts}."
-        return self.caption_decoder.loss(self.conditioning(batch[self.input_key]), batch['caption'])
+        "Caption loss of a batch {input_key: encoder inputs, 'caption': texts}, or {'conditioning': c computed before, 'caption'}."
+        conditioning = batch['conditioning'] if 'conditioning' in batch else self.conditioning(batch[self.input_key])
+        return self.caption_decoder.loss(conditioning, batch['caption'])
 
     forward = loss
 
@@ -415,14 +413,6 @@ def load_vlv(path: str | Path,                          # a folder written by `s
     return model, encoder, bottleneck, cfg
 
 # %% ../nbs/05_decode.ipynb #bd68f5ea
-def captioned_indices(dataset) -> np.ndarray:
-    "Indices of the items whose captions training may use (`dataset.has_caption`)."
-    indices = np.flatnonzero(np.asarray(dataset.has_caption, bool))
-    if len(indices) == 0:
-        raise ValueError(f"{dataset!r} has no captioned items (data.caption_fraction is 0?): stage 2 needs some captions")
-    return indices
-
-
 def make_batch(dataset,                 # a `ShapesDataset` (or any dataset of dicts with 'image' and 'caption')
                indices: Sequence[int],  # items to take
                keys: Sequence[str] = ('image', 'caption'), # fields to build
@@ -436,95 +426,6 @@ def make_batch(dataset,                 # a `ShapesDataset` (or any dataset of d
         batch['image'] = (torch.from_numpy(dataset.images(indices)).permute(0, 3, 1, 2).float().div_(255)
                           if hasattr(dataset, 'images') else torch.stack([dataset[i]['image'] for i in indices]))
     return batch
-
-
-@torch.no_grad()
-def conditioning_cache(model: Stage2Model,     # its (frozen) encoder and bottleneck compute c
-                       dataset,                # as for `make_batch`
-                       indices: Sequence[int], # items to encode
-                       batch_size: int = 100,  # items per encoder call
-                      ) -> Tensor:             # c [len(indices), N, D_text], fp32, on the model's device
-    "The conditioning of `indices`, computed once: with a frozen encoder it never changes during stage 2."
-    device, parts = model.caption_decoder.device, []
-    for i in range(0, len(indices), batch_size):
-        inputs = make_batch(dataset, indices[i:i + batch_size], [model.input_key])[model.input_key]
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):
-            parts.append(model.conditioning(inputs.to(device) if torch.is_tensor(inputs) else inputs).float())
-    return torch.cat(parts)
-
-# %% ../nbs/05_decode.ipynb #49c487ed
-def _settings(model: Stage2Model, cfg: Config) -> dict:
-    "What a checkpoint must agree with to be resumed."
-    return dict(decode=cfg.decode.model_dump(exclude={'eval_scenes', 'eval_batch_size', 'max_new_tokens', 'num_beams',
-                                                      'checkpoint_every', 'cache_conditioning'}),
-                seed=cfg.run.seed, input_key=model.input_key)
-
-
-def save_trainable_into(model: nn.Module, folder: Path) -> Path:
-    "The model part of a stage-2 checkpoint: the parameters being trained."
-    return save_trainable(model, folder / 'weights.safetensors')
-
-
-def train_stage2(model: Stage2Model,      # the captioner (on its device)
-                 dataset,                 # training split; only items with has_caption are used
-                 cfg: Config,             # uses cfg.decode and cfg.run.seed
-                 out_dir: str | Path,     # the checkpoint goes to out_dir/checkpoint
-                 resume: bool = True,     # continue from out_dir/checkpoint if it exists
-                 stop_after: int | None = None, # stop (with a checkpoint) once this many steps are done
-                 progress: bool = True,   # show a progress bar
-                 caption_transform: Callable[[str, np.random.Generator], str] | None = None, # rewrites each caption at each use
-                ) -> list[dict]:          # history: step, loss, lr, seconds
-    "Stage-2 training with checkpoint/resume; returns the whole history (including resumed steps)."
-    d, device = cfg.decode, model.caption_decoder.device
-    indices = captioned_indices(dataset)
-    groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr, encoder_lr=d.encoder_lr)
-    for g in groups: g['initial_lr'] = g['lr']
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=d.weight_decay,
-                                  fused=device.type == 'cuda' or None)
-    ckpt_dir, settings, history, start = Path(out_dir) / 'checkpoints', _settings(model, cfg), [], 0
-    if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        load_trainable(model, ckpt / 'weights.safetensors')
-        record = load_checkpoint(ckpt, optimizer)
-        if record['settings'] != settings:
-            now, then, missing = settings['decode'], record['settings']['decode'], object()
-            changed = sorted(k for k in {**now, **then} if now.get(k, missing) != then.get(k, missing))
-            raise ValueError(f"{ckpt} was made with other settings (decode: {changed or 'seed / input'}); "
-                             "use another run folder, or resume=False to start over")
-        history, start = record['history'], record['step']
-    params = [p for g in groups for p in g['params']]
-    if caption_transform is not None and start < min(d.steps, stop_after or d.steps):
-        sample = make_batch(dataset, indices[:64], ['caption'])['caption']
-        if all(caption_transform(text, np.random.default_rng(0)) == text for text in sample):
-            warnings.warn("the caption transform changes none of the first "
-                          f"{len(sample)} captions (not captions of its world?): training on them as they are", stacklevel=2)
-    cache = conditioning_cache(model, dataset, indices, d.eval_batch_size) \
-        if d.cache_conditioning and 'encoder' not in d.train and start < min(d.steps, stop_after or d.steps) else None
-    keys = ['caption'] if cache is not None else [model.input_key, 'caption']
-    model.train()
-    t0, last = time.time() - (history[-1]['seconds'] if history else 0.0), (stop_after or d.steps)
-    bar = tqdm(range(start, min(d.steps, last)), desc=f'stage 2 ({d.train})', disable=not progress, initial=start, total=d.steps)
-    for step in bar:
-        rows = np.random.default_rng([cfg.run.seed, step]).choice(len(indices), d.batch_size, replace=len(indices) < d.batch_size)
-        batch = make_batch(dataset, indices[rows], keys)
-        if torch.is_tensor(batch.get('image')): batch['image'] = batch['image'].to(device)
-        if caption_transform is not None:
-            words = np.random.default_rng([cfg.run.seed, step, 1])
-            batch['caption'] = [caption_transform(text, words) for text in batch['caption']]
-        scale = warmup_cosine(step, d.steps, d.warmup_steps)
-        for g in optimizer.param_groups: g['lr'] = g['initial_lr'] * scale
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):
-            loss = model.caption_decoder.loss(cache[rows], batch['caption']) if cache is not None else model.loss(batch)
-        if not torch.isfinite(loss): raise FloatingPointError(f"stage-2 loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, d.grad_clip); optimizer.step()
-        history.append(dict(step=step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], seconds=time.time() - t0))
-        bar.set_postfix(loss=f'{loss.item():.4f}')
-        done = step + 1
-        if done % d.checkpoint_every == 0 or done in (d.steps, last):
-            save_checkpoint(ckpt_dir, done, partial(save_trainable_into, model), optimizer, None,
-                            dict(history=history, settings=settings))
-    model.eval()
-    return history
 
 # %% ../nbs/05_decode.ipynb #a0750eda
 @torch.no_grad()

@@ -23,7 +23,8 @@ from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_
 from .bottleneck import DiffusionDecoder
 from .encoder import VLVEncoder, build_encoder, load_encoder
 from .stage1 import train_stage1
-from .decode import CaptionDecoder, Stage2Model, captioned_indices, load_lm, train_stage2
+from .decode import CaptionDecoder, Stage2Model, load_lm
+from .stage2 import captioned_indices, train_stage2
 from .eval import caption_scores, eval_sets, evaluate_encoder
 
 # %% auto #0

@@ -191,7 +191,8 @@ def config_transform(cfg) -> Callable[[Image.Image], torch.Tensor]: # cfg: a `vl
 
 # %% ../nbs/01a_sources.ipynb #95920661
 STREAM_COUNTERS = ('no_image', 'bad_image', 'bad_caption', 'bad_meta', 'bad_shard',   # bad samples, by reason
-                   'too_small', 'aspect', 'watermark', 'aesthetic')                  # samples a filter dropped
+                   'too_small', 'aspect', 'watermark', 'aesthetic',                  # samples a filter dropped
+                   'no_caption')                                                     # samples without a caption (stage 2)
 WATERMARK_FIELDS, AESTHETIC_FIELDS = ('pwatermark',), ('aesthetic', 'AESTHETIC_SCORE') # LAION metadata names
 
 
@@ -303,6 +304,18 @@ class ImageDataset(SkipLog, Dataset):
     def __len__(self) -> int: return len(self.records)
 
     def _caption(self, record: dict) -> str | None: return record.get('caption')
+
+    def caption(self, index: int) -> str | None:
+        "The caption of item `index` (no image is decoded)."
+        return self._caption(self.records[index])
+
+    @property
+    def has_caption(self) -> np.ndarray:
+        "Whether each item has a non-empty caption (what stage 2 trains on); an unreadable caption file counts as none."
+        def captioned(record: dict) -> bool:
+            try: return bool(self._caption(record))
+            except SampleError: return False
+        return np.array([captioned(r) for r in self.records], bool)
 
     def __getitem__(self, index: int) -> dict | None:
         "The item {'image', 'caption', 'key'}, or None for a file that fails to decode (`on_error='skip'`)."
@@ -429,9 +442,11 @@ class StreamSource(SkipLog, Stream):
                  on_error: str = 'skip',                                 # 'skip' (and count) bad samples with a warning, or 'raise'
                  max_pixels: int = MAX_PIXELS,                           # decompression-bomb guard
                  filters: SampleFilter | None = None,                    # the paper's filters; default none
+                 require_caption: bool = False,                          # drop (and count as 'no_caption') samples without a caption
                  **kwargs,                                               # seed, shuffle_buffer, repeat: see `vlv.streams.Stream`
                 ):
         super().__init__(**kwargs)
+        self.require_caption = require_caption
         self.transform = transform or image_transform(size)
         self.on_error, self.max_pixels, self.filters = _check_on_error(on_error), max_pixels, filters or SampleFilter()
         self._init_skips()  # (name, reason) skipped by this process
@@ -457,6 +472,7 @@ def _item(self: StreamSource, name: str, key: str, read: Callable[[], tuple], co
     "The item of one sample, or None when it is bad (warned) or filtered, counted under its reason either way."
     try:
         source, image_name, caption, meta = read()
+        if self.require_caption and not caption: return _count(counts, 'no_caption')   # before any decoding
         if reason := self.filters.meta_reason(meta): return _count(counts, reason)
         image = load_image(source, self.max_pixels, name=image_name)
     except ImageLoadError as e:
@@ -473,9 +489,10 @@ class WebDatasetSource(StreamSource):
     def __init__(self,
                  urls: str | Path | list,      # shard path/URL, brace pattern, or a list
                  shuffle_shards: bool = False, # shuffle shard order each pass (seed + epoch)
+                 caption_key: str = 'caption', # the `.json` field read as the caption of a sample without `.txt`
                  **kwargs,                     # size, transform, on_error, max_pixels, filters, seed, shuffle_buffer, repeat: see `StreamSource`
                 ):
-        self.shards, self.shuffle_shards = expand_shards(urls), shuffle_shards
+        self.shards, self.shuffle_shards, self.caption_key = expand_shards(urls), shuffle_shards, caption_key
         super().__init__(**kwargs)
 
     @property
@@ -532,7 +549,10 @@ def decode(self: WebDatasetSource, sample: dict, counts: dict | None = None) -> 
             raise SampleError(name, f"sample has no image (members: {members})", 'no_image')
         try: caption = sample['txt'].decode('utf-8').strip() if 'txt' in sample else None
         except UnicodeDecodeError as e: raise SampleError(name, f'caption is not UTF-8 text ({e.reason})', 'bad_caption') from None
-        return sample[ext], f'{name}.{ext}', caption, _sample_meta(sample, name) if self.filters.uses_meta else {}
+        wanted = self.filters.uses_meta or (caption is None and self.require_caption)   # stage 2 reads a JSON caption
+        meta = _sample_meta(sample, name) if wanted else {}
+        if caption is None and isinstance(meta.get(self.caption_key), str): caption = meta[self.caption_key].strip()
+        return sample[ext], f'{name}.{ext}', caption, meta
     return self._item(name, sample.get('__key__'), read, counts)
 
 # %% ../nbs/01a_sources.ipynb #a01444c5

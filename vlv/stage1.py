@@ -30,17 +30,18 @@ from .checkpoints import latest_checkpoint, load_checkpoint, load_state, read_sa
 from .bottleneck import DiffusionDecoder, load_decoder
 from .latents import LatentDataset, cache_latents, default_cache_dir
 from .encoder import VLVEncoder, build_encoder, save_encoder
+from .launch import check_launch, deepspeed_settings, micro_batch
 from .preemption import Preempted, StopSignals
 from .streams import StreamResumeError, StreamState
 
 # %% auto #0
-__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_dataset', 'micro_batch', 'StepBatches', 'Indexed',
-           'collate_stage1', 'collate_stream', 'StreamBatches', 'stream_counters', 'param_groups', 'make_optimizer',
+__all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_dataset', 'StepBatches', 'Indexed', 'collate_stage1',
+           'collate_stream', 'StreamBatches', 'stream_batches', 'stream_counters', 'param_groups', 'make_optimizer',
            'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
            'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
            'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
-           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'deepspeed_settings', 'check_launch',
-           'prepare_stage1', 'StepLog', 'train_stage1', 'accelerate_config']
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
+           'accelerate_config']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
@@ -64,16 +65,6 @@ def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image':
     return data
 
 # %% ../nbs/04_stage1.ipynb #94d5e48a
-def micro_batch(batch_size: int, # global batch per optimiser step
-                grad_accum: int, # micro-batches per step
-                world: int,      # processes
-               ) -> int:         # items per process per micro-batch
-    "batch_size / (grad_accum * processes), which must divide."
-    if batch_size % (grad_accum * world):
-        raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum * processes = {grad_accum} * {world}")
-    return batch_size // (grad_accum * world)
-
-
 class StepBatches(torch.utils.data.Sampler):
     "Index lists of this process's micro-batches from `start_step` to `steps`: seeded per-epoch permutations."
     def __init__(self,
@@ -136,6 +127,22 @@ class StreamBatches:
         batch = next(self._it)
         self.state.update(batch); self.used += len(batch['pixels'])
         return batch
+
+
+def stream_batches(data: torch.utils.data.IterableDataset, # a `vlv.streams.Stream`
+                   stream: dict | None,  # its positions from a checkpoint (`StreamState.state_dict()`), or None: the start
+                   size: int,            # items per micro-batch of this process
+                   world: int,           # processes
+                   workers: int,         # DataLoader workers per process
+                   collate: Callable[[list[dict]], dict], # items -> a batch with 'pixels' and 'stream'
+                  ) -> StreamBatches:
+    "This process's micro-batches of a stream from the saved positions on (a changed reader count is a clear error)."
+    state = StreamState().load_state_dict(stream) if stream else StreamState()   # every reader's saved position
+    if (saved := state.state_dict()['readers']) not in (None, readers := world * max(workers, 1)):
+        raise StreamResumeError(f"the checkpoint's stream was read by {saved} readers (processes x DataLoader workers), this run "
+                                f"has {readers}: resume with the same processes and run.num_workers")
+    data.resume(state.state_dict() if stream else None)
+    return StreamBatches(torch.utils.data.DataLoader(data, batch_size=size, collate_fn=collate, num_workers=workers), state)
 
 
 def stream_counters(batches: StreamBatches, # this process's batches (`used` and the positions)
@@ -372,20 +379,21 @@ TRACKER_PACKAGES = dict(tensorboard='tensorboard', wandb='wandb', trackio='track
                         mlflow='mlflow', clearml='clearml', dvclive='dvclive', swanlab='swanlab')
 
 
-def tracker_names(log_with: str | Sequence[str], # `stage1.log_with`: a name, a list of names, or 'none'
-                 ) -> list[str]:                 # the trackers to start (empty: none)
-    "Check `stage1.log_with`: every name is an Accelerate tracker whose package is installed; 'none' (or nothing) -> []."
+def tracker_names(log_with: str | Sequence[str],   # `stage1.log_with`: a name, a list of names, or 'none'
+                  key: str = 'stage1.log_with',    # the config field it comes from (named in errors; stage 2: decode.log_with)
+                 ) -> list[str]:                   # the trackers to start (empty: none)
+    "Check a `log_with` field: every name is an Accelerate tracker whose package is installed; 'none' (or nothing) -> []."
     names = [log_with] if isinstance(log_with, str) else list(log_with)
     if 'none' in names:
-        if len(names) > 1: raise ValueError(f"stage1.log_with={names}: 'none' cannot be combined with trackers")
+        if len(names) > 1: raise ValueError(f"{key}={names}: 'none' cannot be combined with trackers")
         return []
     known = sorted(set(LOGGER_TYPE_TO_CLASS) & set(TRACKER_PACKAGES))
     installed = {getattr(t, 'value', t) for t in get_available_trackers()}   # LoggerType members
     for name in names:
-        if name not in known: raise ValueError(f"stage1.log_with: unknown tracker {name!r}; choose from {known} or 'none'")
+        if name not in known: raise ValueError(f"{key}: unknown tracker {name!r}; choose from {known} or 'none'")
         if name not in installed:
-            raise ModuleNotFoundError(f"stage1.log_with names {name!r} but its package is not installed: "
-                                      f"pip install {TRACKER_PACKAGES[name]} (or -o stage1.log_with=none)")
+            raise ModuleNotFoundError(f"{key} names {name!r} but its package is not installed: "
+                                      f"pip install {TRACKER_PACKAGES[name]} (or -o {key}=none)")
     return list(dict.fromkeys(names))
 
 
@@ -504,46 +512,9 @@ def stage1_batches(cfg: Config, data: torch.utils.data.Dataset, world: int, rank
         sampler = StepBatches(len(data), s.batch_size, s.grad_accum, world, rank, cfg.run.seed, start, end)
         return iter(torch.utils.data.DataLoader(Indexed(data), batch_sampler=sampler, collate_fn=collate_stage1,
                                                 num_workers=workers, persistent_workers=False)), None
-    state = StreamState().load_state_dict(stream) if stream else StreamState()   # every reader's saved position
-    if (saved := state.state_dict()['readers']) not in (None, readers := world * max(workers, 1)):
-        raise StreamResumeError(f"the checkpoint's stream was read by {saved} readers (processes x DataLoader workers), this run "
-                                f"has {readers}: resume with the same processes and run.num_workers")
-    data.resume(state.state_dict() if stream else None)
-    loader = torch.utils.data.DataLoader(data, batch_size=micro_batch(s.batch_size, s.grad_accum, world),
-                                         collate_fn=collate_stream, num_workers=workers)
-    batches = StreamBatches(loader, state)
+    batches = stream_batches(data, stream, micro_batch(s.batch_size, s.grad_accum, world), world, workers, collate_stream)
     return batches, batches
 
-
-# %% ../nbs/04_stage1.ipynb #843d14bb
-def deepspeed_settings(acc: Accelerator, # its DeepSpeed plugin's config is completed in place (nothing without one)
-                       cfg: Config,      # uses cfg.stage1
-                      ) -> None:
-    "Give DeepSpeed stage 1's micro-batch and check that its accumulation and clipping are vlv's (an error names both values)."
-    plugin = acc.state.deepspeed_plugin
-    if plugin is None: return
-    s, conf = cfg.stage1, plugin.deepspeed_config
-    if s.grad_accum != 1:
-        raise ValueError(f"stage1.grad_accum={s.grad_accum}: under DeepSpeed the engine steps inside backward, so vlv's "
-                         "accumulation does not apply; use stage1.grad_accum=1 (more processes) or the DDP / FSDP configs")
-    for key, ours, name in (('gradient_accumulation_steps', 1, 'stage1.grad_accum'), ('gradient_clipping', s.grad_clip, 'stage1.grad_clip')):
-        theirs = conf.get(key, 'auto')
-        if theirs == 'auto': conf[key] = ours
-        elif float(theirs) != float(ours):
-            raise ValueError(f"the DeepSpeed config has {key}={theirs} but {name}={ours}: make them equal (DeepSpeed applies it)")
-    conf['train_micro_batch_size_per_gpu'] = micro_batch(s.batch_size, 1, acc.num_processes)
-    conf['train_batch_size'] = s.batch_size
-
-
-def check_launch(acc: Accelerator) -> None:
-    "Refuse a launch whose FSDP or DeepSpeed config Accelerate did not apply (without GPUs it falls back to plain processes)."
-    asked = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED'))
-             if os.environ.get(var, 'false').lower() == 'true']
-    world = int(os.environ.get('WORLD_SIZE', acc.num_processes))
-    if asked and (acc.distributed_type.name != asked[0].upper() or acc.num_processes != world):
-        raise ValueError(f"launched with a {asked[0]} config, but Accelerate runs {acc.distributed_type.name} with {acc.num_processes} "
-                         f"of {world} processes: without GPUs Accelerate has no {asked[0]} backend (DeepSpeed's CPU accelerator "
-                         "runs one process), and run.device=cpu turns it off; use the DDP config there")
 
 # %% ../nbs/04_stage1.ipynb #1db8b8d0
 def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Dataset, keys: Sequence[str] | None,
@@ -604,7 +575,7 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
 
 # %% ../nbs/04_stage1.ipynb #2f77c1b0
 class StepLog:
-    "The run's log.jsonl and trackers: a line per `every` steps with the loss and images/s averaged over them, lr, grad norm, data counters."
+    "The run's log.jsonl and trackers: a line per `every` steps with the loss and images/s (tokens/s) averaged over them, lr, grad norm, data counters."
     def __init__(self, path: Path, start: int, every: int, end: int, batch_size: int,
                  write: bool,                                         # the main process writes
                  track: Callable[[dict, int], None] | None = None,    # (scalars, step) -> a tracker (`Accelerator.log`)
@@ -615,26 +586,27 @@ class StepLog:
         if write and path.exists():   # keep the log consistent with the resumed step
             lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= start]
             with atomic_write(path, 'w') as f: f.write(''.join(l + '\n' for l in lines))
-        self.window_start, self.losses = time.perf_counter(), []
+        self.window_start, self.losses, self.tokens = time.perf_counter(), [], 0
 
     def add(self, record: dict,
             last: bool = False, # the run stops after this step (a stop signal): write the window so far
            ) -> None:
-        "Count one step's record (step, loss, lr, grad_norm, seconds); write a line when its window ends."
-        self.losses.append(record['loss'])
+        "Count one step's record (step, loss, lr, grad_norm, seconds, and stage 2's tokens); write a line when its window ends."
+        self.losses.append(record['loss']); self.tokens += record.get('tokens') or 0
         done, now = record['step'], time.perf_counter()
         if done % self.every and done != self.end and not last: return
         data = dict(self.counters()) if self.counters is not None else {}   # on every process: a source may reduce over them
         if self.write:
-            n = len(self.losses)
-            line = record | dict(loss=float(np.mean(self.losses)), steps_averaged=n,
-                                 images_per_s=n * self.batch_size / max(now - self.window_start, 1e-9))
+            n, seconds = len(self.losses), max(now - self.window_start, 1e-9)
+            line = record | dict(loss=float(np.mean(self.losses)), steps_averaged=n, images_per_s=n * self.batch_size / seconds)
+            if 'tokens' in record: line['tokens_per_s'] = self.tokens / seconds
             if data: line['data'] = data
             with open(self.path, 'a') as f: f.write(json.dumps(line) + '\n')
             if self.track is not None:
-                scalars = {f'train/{k}': line[k] for k in ('loss', 'lr', 'grad_norm', 'images_per_s') if line[k] is not None}
+                scalars = {f'train/{k}': line[k] for k in ('loss', 'lr', 'grad_norm', 'images_per_s', 'tokens_per_s')
+                           if line.get(k) is not None}
                 self.track(scalars | {f'data/{k}': v for k, v in data.items()}, done)
-        self.window_start, self.losses = time.perf_counter(), []
+        self.window_start, self.losses, self.tokens = time.perf_counter(), [], 0
 
 # %% ../nbs/04_stage1.ipynb #ef9bb58c
 def train_stage1(cfg: Config,                              # the whole config (encoder, stage1, bottleneck, run)

@@ -20,7 +20,8 @@ from .tokenizers import lm_tokenizer, make_word_tokenizer
 from .bottleneck import DiffusionDecoder, load_decoder
 
 # %% auto #0
-__all__ = ['shapes_keys', 'train_images', 'test_images', 'load_bottleneck', 'caption_tokenizer', 'caption_transform']
+__all__ = ['shapes_keys', 'train_images', 'caption_pairs', 'test_images', 'load_bottleneck', 'caption_tokenizer',
+           'caption_transform']
 
 # %% ../nbs/01b_worlds.ipynb #1a8833ef
 def shapes_keys(dataset) -> list[str]:
@@ -39,6 +40,15 @@ def train_images(cfg: Config,   # uses cfg.data (and cfg.run.seed for the Shapes
         return source_from_config(cfg, stream=True, on_error='skip', repeat=True), None
     source = source_from_config(cfg, on_error='skip')   # bad files: skipped with a warning, listed in `.skipped`
     return source, [r['key'] for r in source.records]
+
+# %% ../nbs/01b_worlds.ipynb #1e75f706
+def caption_pairs(cfg: Config, # uses cfg.data (and cfg.run.seed for the Shapes world and the stream's shuffles)
+                 ) -> torch.utils.data.Dataset: # map-style with `has_caption`, or a stream of captioned items
+    "What stage 2 trains on: (image, caption) items of the source `cfg.data.source` names."
+    if cfg.data.source == 'shapes': return make_splits(cfg.data, seed=cfg.run.seed)['train']
+    if cfg.data.source == 'webdataset' or cfg.data.streaming:
+        return source_from_config(cfg, stream=True, on_error='skip', repeat=True, require_caption=True)
+    return source_from_config(cfg, on_error='raise')   # a bad file names itself before any training
 
 # %% ../nbs/01b_worlds.ipynb #3dacd5b5
 def test_images(cfg: Config, # uses cfg.data and cfg.run.seed
