@@ -28,7 +28,7 @@ from .tokenizers import caption_ids
 from .decode import Stage2Model, make_batch
 from .preemption import Preempted, StopSignals
 from .streams import StreamState
-from .launch import micro_batch
+from .launch import check_launch, micro_batch
 from .stage1 import (StepLog, flat_config, make_trackers, micro_seeds, stream_batches, stream_counters,
                         tracker_names)
 
@@ -208,6 +208,9 @@ def prepare_stage2(model: Stage2Model, data, cfg: Config, out_dir: str | Path, r
     precision = ('bf16' if not cpu else 'no') if d.mixed_precision == 'auto' else d.mixed_precision
     trackers = tracker_names(d.log_with, 'decode.log_with')
     acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=make_trackers(trackers, folder) or None, project_dir=folder)
+    check_launch(acc)   # an FSDP / DeepSpeed config Accelerate could not apply: an error, as in stage 1
+    if acc.distributed_type.name in ('FSDP', 'DEEPSPEED'):
+        raise ValueError(f"stage 2 runs under DDP (or one process) so far, not {acc.distributed_type.name}: use the ddp config")
     micro_batch(d.batch_size, d.grad_accum, acc.num_processes)   # divides, or a clear error before any work
     model = model.to(acc.device)
     groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr, encoder_lr=d.encoder_lr)
