@@ -139,6 +139,17 @@ def test_only_runs_the_named_notebooks(project, tmp_path, capsys):
     assert "'09': no such pipeline notebook" in capsys.readouterr().err
 
 
+def test_to_stops_after_the_named_notebook(project, tmp_path, capsys):
+    nbs = ['--nbs', str(project / 'nbs'), '--runs-dir', str(tmp_path)]
+    assert main(['run', '--preset', 'toy', '--name', 'head', '--to', '01', '--dry-run', *nbs]) == 0
+    out = capsys.readouterr().out
+    assert '01_record.ipynb:' in out and '02_check.ipynb:' not in out
+    assert main(['run', '--preset', 'toy', '--name', 'head', '--to', '01', '--only', '01', *nbs]) == 2
+    assert 'exclude each other' in capsys.readouterr().err
+    assert main(['run', '--preset', 'toy', '--name', 'head', '--from', '02', '--to', '01', '--force', *nbs]) == 2
+    assert 'comes before --from' in capsys.readouterr().err
+
+
 def test_help_texts(monkeypatch, capsys):
     "`vlv --help` lists every command of the table and imports none of them; `vlv run --help` shows the options and examples."
     monkeypatch.setattr(Command, 'load', lambda self, part: pytest.fail(f"`vlv --help` loaded {getattr(self, part)}"))

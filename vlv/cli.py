@@ -299,6 +299,7 @@ def plan_run(preset: str = 'smoke',                 # smoke | toy | paper, passe
              runs_dir: str | Path | None = None,    # parent of the run folder; default <project>/runs
              force: bool = False,                   # resume even without successful earlier records
              only: list[str] | None = None,         # run just these notebooks ('03a', ...); other records are kept
+             to: str | None = None,                 # stop after this notebook ('04', ...): run up to and including it
             ) -> RunPlan:
     "Check a `vlv run` request and decide what runs where with which parameters; raise `RunError` if it is bad."
     if preset not in PRESETS: raise RunError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -315,13 +316,16 @@ def plan_run(preset: str = 'smoke',                 # smoke | toy | paper, passe
     notebooks = pipeline_notebooks(nbs_dir)
     if not notebooks: raise RunError(f"no pipeline notebooks (NN_name.ipynb with NN < {FIRST_TOOL_NUMBER}) in {nbs_dir}")
     if start and only: raise RunError("--from and --only exclude each other")
+    if to and only: raise RunError("--to and --only exclude each other")
     if only:
         chosen = sorted({resolve_start(notebooks, nb) for nb in only})
         to_run = [notebooks[i].name for i in chosen]
         earlier = [p.name for p in notebooks if p.name not in to_run]
     else:
         first = resolve_start(notebooks, start) if start else 0
-        earlier, to_run = [p.name for p in notebooks[:first]], [p.name for p in notebooks[first:]]
+        last = resolve_start(notebooks, to) if to else len(notebooks) - 1
+        if last < first: raise RunError(f"--to {to} comes before --from {start}")
+        earlier, to_run = [p.name for p in notebooks[:first]], [p.name for p in notebooks[first:last + 1]]
     extra = dict(params or {})
     parameters = plan_parameters({p.name: notebook_parameters(p) for p in notebooks}, to_run, preset, run_dir, extra)
     try: previous = load_manifest(run_dir) if start or only else None
@@ -402,6 +406,9 @@ def execute_run(plan: RunPlan,                  # from `plan_run`
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     save_json(manifest, manifest_path)
     _show_papermill_log(log_output)
+    if plan.preset == 'mini':   # its tiny models and shards, written once (seconds) where the preset points
+        from vlv.miniature import ensure_miniature
+        ensure_miniature()
     km_class, t_run = kernel_manager_for(plan.root), time.perf_counter()
 
     def finish(status: str):
@@ -438,10 +445,11 @@ def run_pipeline(preset: str = 'smoke',                 # smoke | toy | paper, p
                  runs_dir: str | Path | None = None,    # parent of the run folder; default <project>/runs
                  force: bool = False,                   # resume even without successful earlier records
                  only: list[str] | None = None,         # run just these notebooks
+                 to: str | None = None,                 # stop after this notebook
                  **kwargs,                              # `execute_run` options: progress, log_output, start_timeout, argv
                 ) -> dict:                               # the final manifest
     "`vlv run` as a function: `plan_run`, then `execute_run`."
-    return execute_run(plan_run(preset, name, params, start, nbs, runs_dir, force, only), **kwargs)
+    return execute_run(plan_run(preset, name, params, start, nbs, runs_dir, force, only, to), **kwargs)
 
 # %% ../nbs/90_cli.ipynb #5918cdae
 def add_run_arguments(parser: argparse.ArgumentParser, # the `vlv run` subparser
@@ -452,6 +460,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, # the `vlv run` subparser
     parser.add_argument('--from', dest='start', metavar='NB',
                         help="resume: start at this notebook ('04', '03a' or a file name); earlier notebooks keep their "
                              "results in runs/NAME/manifest.json and must have succeeded (see --force)")
+    parser.add_argument('--to', metavar='NB',
+                        help="stop after this notebook ('04', '03a' or a file name): run the pipeline up to and including it")
     parser.add_argument('--only', nargs='+', metavar='NB',
                         help="run just these notebooks ('03a', '04' or file names), e.g. to retrain the toy teacher; "
                              "records of the other notebooks in runs/NAME/manifest.json are kept")
@@ -489,7 +499,7 @@ def run_command(args: argparse.Namespace, # parsed `vlv run` options
     "Handler of `vlv run`."
     try:
         plan = plan_run(args.preset, args.name, parse_parameters(args.parameters, args.yaml), args.start,
-                        args.nbs, args.runs_dir, args.force, args.only)
+                        args.nbs, args.runs_dir, args.force, args.only, args.to)
         if args.dry_run: print(f"vlv run (dry run): {plan}"); return 0
         manifest = execute_run(plan, progress=args.progress, log_output=args.log_output,
                                start_timeout=args.start_timeout, argv=args.argv)
@@ -514,6 +524,7 @@ examples:
   vlv run --preset toy                        run every pipeline notebook into runs/toy/
   vlv run --preset toy --name t2 -p seed 1    a second run; 'seed' goes to the notebooks that declare it
   vlv run --preset toy --from 04              resume at 04_*: earlier results in runs/toy/ are kept
+  vlv run --preset mini --to 04               the miniature of the paper path through 04_stage1
   vlv run --preset paper --dry-run            show which notebooks would run with which parameters
 
 Each executed notebook is saved as runs/NAME/NN_name.ipynb (the sources in nbs/ are never modified);

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from functools import partial
 from typing import Callable
 
@@ -20,7 +21,7 @@ from .tokenizers import lm_tokenizer, make_word_tokenizer
 from .bottleneck import DiffusionDecoder, load_decoder
 
 # %% auto #0
-__all__ = ['shapes_keys', 'train_images', 'caption_pairs', 'test_images', 'load_bottleneck', 'caption_tokenizer',
+__all__ = ['shapes_keys', 'train_images', 'caption_pairs', 'test_images', 'fixed_images', 'load_bottleneck', 'caption_tokenizer',
            'caption_transform']
 
 # %% ../nbs/01b_worlds.ipynb #1a8833ef
@@ -59,6 +60,17 @@ def test_images(cfg: Config, # uses cfg.data and cfg.run.seed
     test = make_splits(cfg.data, seed=cfg.run.seed)['test']
     n = min(n, len(test))
     return torch.from_numpy(test.images(range(n))).permute(0, 3, 1, 2).float() / 255
+
+# %% ../nbs/01b_worlds.ipynb #c2d9e5f1
+def fixed_images(cfg: Config, # uses cfg.data and cfg.run.seed
+                 n: int,      # how many
+                ) -> Tensor:  # [n, 3, H, W] in [0, 1] (fewer when the source holds fewer)
+    "The first `n` held-in test images of the Shapes world, or the first `n` images a real source streams (bad files skipped)."
+    if cfg.data.source == 'shapes': return test_images(cfg, n)
+    items = itertools.islice(source_from_config(cfg, stream=True, on_error='skip'), n)
+    images = [item['image'] for item in items]
+    if not images: raise ValueError(f"data.path={cfg.data.path!r} gave no images")
+    return torch.stack(images)
 
 # %% ../nbs/01b_worlds.ipynb #74dae011
 def load_bottleneck(cfg: Config,                             # uses cfg.bottleneck
