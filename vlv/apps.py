@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .core import (CommandError, Config, atomic_write, autocast_dtype, check_new, check_positive, get_device, image_grid,
                       one_line, positive_int, save_json, tensor_to_pil)
+from .hub import is_hub_id
 from .sources import ImageDataset, batches, find_images, image_source, warnings_as_lines
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ def model_folder(ckpt: str | Path, # the model folder, or a run folder holding `
                 ) -> Path:         # the folder holding config.json and encoder/
     "The saved-model folder `ckpt` names, or a `CommandError` that says what is missing."
     path = Path(ckpt)
+    if not path.exists() and is_hub_id(str(ckpt)):   # a Hub repository (downloaded into the Hub cache; nbs/94_share)
+        from vlv.share import hub_model
+        path = hub_model(str(ckpt))
     if not path.exists(): raise CommandError(f"--ckpt {path}: no such folder")
     if not path.is_dir(): raise CommandError(f"--ckpt {path} is a file; expected a saved model folder")
     for folder in (path, path / 'model'):
@@ -288,7 +292,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> Non
     "Options both commands share."
     parser.add_argument('paths', nargs='+', metavar='PATH', help="image files, folders (searched recursively) or JSONL manifests")
     parser.add_argument('--ckpt', required=True, metavar='DIR',
-                        help="saved model: runs/NAME/model (config.json, encoder/, ...) or the run folder runs/NAME")
+                        help="saved model: runs/NAME/model (config.json, encoder/, ...), the run folder runs/NAME, or a Hub id")
     parser.add_argument('--out', required=True, metavar='PATH', help=out_help)
     parser.add_argument('--batch-size', type=positive_int, default=16, metavar='N', help="images per batch (default: %(default)s)")
     parser.add_argument('--device', default='auto', metavar='DEV', help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
