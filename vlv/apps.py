@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from .core import (CommandError, Config, atomic_write, autocast_dtype, check_new, check_positive, get_device, image_grid,
                       one_line, positive_int, save_json, tensor_to_pil)
+from .hub import is_hub_id
 from .sources import ImageDataset, batches, find_images, image_source, warnings_as_lines
 
 if TYPE_CHECKING:
@@ -28,16 +31,19 @@ if TYPE_CHECKING:
     from vlv.encoder import VLVEncoder
 
 # %% auto #0
-__all__ = ['APP_NOTES', 'CAPTION_EPILOG', 'RECONSTRUCT_EPILOG', 'model_folder', 'load_model', 'caption_images', 'image_noise',
-           'reconstruct_images', 'reconstruction_files', 'side_by_side', 'AppReport', 'caption_files',
-           'reconstruct_files', 'add_caption_arguments', 'add_reconstruct_arguments', 'caption_command',
-           'reconstruct_command']
+__all__ = ['APP_NOTES', 'CAPTION_EPILOG', 'RECONSTRUCT_EPILOG', 'model_folder', 'load_model', 'caption_images',
+           'guarded_generate', 'CaptionSetup', 'caption_setup', 'image_noise', 'reconstruct_images',
+           'reconstruction_files', 'side_by_side', 'AppReport', 'caption_files', 'reconstruct_files',
+           'add_caption_arguments', 'add_reconstruct_arguments', 'caption_command', 'reconstruct_command']
 
 # %% ../nbs/91_apps.ipynb #950a55ce
 def model_folder(ckpt: str | Path, # the model folder, or a run folder holding `model/`
                 ) -> Path:         # the folder holding config.json and encoder/
     "The saved-model folder `ckpt` names, or a `CommandError` that says what is missing."
     path = Path(ckpt)
+    if not path.exists() and is_hub_id(str(ckpt)):   # a Hub repository (downloaded into the Hub cache; nbs/94_share)
+        from vlv.share import hub_model
+        path = hub_model(str(ckpt))
     if not path.exists(): raise CommandError(f"--ckpt {path}: no such folder")
     if not path.is_dir(): raise CommandError(f"--ckpt {path} is a file; expected a saved model folder")
     for folder in (path, path / 'model'):
@@ -75,18 +81,63 @@ def caption_images(model: Stage2Model,        # the captioner
                    num_beams: int = 1,        # 1 -> greedy, else beam search
                    progress: bool = False,    # show a progress bar
                    fast: bool = True,         # greedy: decode with `vlv.fast.fast_generate` (else Hugging Face `generate`)
+                   prepare: Callable[[Tensor], Tensor] | None = None, # applied to each batch of images first (see `caption_setup`)
+                   generate_fn: Callable | None = None, # the decoding routine; None -> as `fast` and `num_beams` say
                   ) -> dict[str, str]:        # name -> caption, in input order, readable images only
     "Caption every readable image of `source`."
     from vlv.decode import hf_generate
     from vlv.fast import fast_generate
-    generate_fn = fast_generate if fast and num_beams == 1 else hf_generate
+    generate_fn = generate_fn or (fast_generate if fast and num_beams == 1 else hf_generate)
     model.eval()
     device, captions = model.caption_decoder.device, {}
     for batch in batches(source, batch_size, progress, 'captioning'):
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):
-            out = model.caption(batch['image'][0].to(device), max_new_tokens, num_beams, generate_fn=generate_fn)
+            images = batch['image'][0] if prepare is None else prepare(batch['image'][0])
+            out = model.caption(images.to(device), max_new_tokens, num_beams, generate_fn=generate_fn)
         captions.update(zip(batch['key'], out.texts))
     return captions
+
+# %% ../nbs/91_apps.ipynb #444101a3
+def guarded_generate(lm, inputs_embeds: Tensor, attention_mask: Tensor, # as `vlv.decode.hf_generate`
+                     max_new_tokens: int = 64, num_beams: int = 1, eos_token_id: int = 2, pad_token_id: int = 0,
+                     repetition_penalty: float = 1.0,  # > 1 makes tokens already written less likely (1: off)
+                     no_repeat_ngram_size: int = 0,    # no n-gram of this size twice in a caption (0: off)
+                     early_stopping: bool = False,     # beam search stops once num_beams candidates have ended
+                    ) -> Tensor:                       # new token ids [B, <= max_new_tokens]
+    "Hugging Face `generate` from input embeddings with repetition guards (deterministic)."
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, bos_token_id=None, repetition_penalty=repetition_penalty,
+                              no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)
+    return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config)
+
+
+@dataclass
+class CaptionSetup:
+    "How `caption_files` prepares images and decodes."
+    crop_size: int                              # images are resized (short side) and centre-cropped to this square
+    prepare: Callable | None = None             # then resized by this before the encoder (None: the encoder resizes)
+    generate_fn: Callable | None = None         # the decoding routine (None: `caption_images`' default)
+    clean: Callable[[str], str] | None = None   # applied to every caption
+
+
+def caption_setup(folder: Path, cfg: Config,         # the model folder and its config
+                  repetition_penalty: float = 1.0,   # see `guarded_generate`
+                  no_repeat_ngram_size: int = 0,
+                  dedupe: bool | None = None,        # drop repeated sentences; None: as the model's reference.json says (else off)
+                 ) -> CaptionSetup:
+    "The model's own settings, a converted reference model's recorded behaviour (`vlv.reference`), and the guards asked for."
+    from vlv.reference import dedupe_sentences, reference_settings
+    if repetition_penalty <= 0: raise CommandError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
+    if no_repeat_ngram_size < 0: raise CommandError(f"--no-repeat-ngram must be >= 0, got {no_repeat_ngram_size}")
+    ref, size = reference_settings(folder) or {}, cfg.encoder.image_size
+    crop = ref.get('crop_size', size)
+    prepare = (lambda x: F.interpolate(x, size=(size, size), mode=ref['resample'], align_corners=False).clamp(0, 1)) if crop != size else None
+    guards = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                  early_stopping=ref.get('early_stopping', False))
+    generate_fn = partial(guarded_generate, **guards) if guards != dict(repetition_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False) else None
+    dedupe = ref.get('dedupe_sentences', False) if dedupe is None else dedupe
+    return CaptionSetup(crop, prepare, generate_fn, dedupe_sentences if dedupe else None)
 
 # %% ../nbs/91_apps.ipynb #7a2fb444
 def image_noise(names: Sequence[str],     # one per image
@@ -175,15 +226,20 @@ def caption_files(paths: Sequence[str | Path],   # image files, folders, JSONL m
                   num_beams: int | None = None,  # None -> the saved cfg.decode.num_beams (1 = greedy)
                   overwrite: bool = False,       # replace an existing `out`
                   progress: bool = False,        # show a progress bar
+                  repetition_penalty: float = 1.0, # > 1 discourages repeated tokens (1: off; see `guarded_generate`)
+                  no_repeat_ngram_size: int = 0, # no n-gram of this size twice (0: off)
+                  dedupe: bool | None = None,    # drop repeated sentences; None: on for a model from `vlv import-reference`
                  ) -> AppReport:
     "Caption image files and write `{name: caption}` as JSON."
     check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens, beams=num_beams)
     records, out = find_images(paths), Path(out)
     check_new([out], overwrite)
     model, _, _, cfg = load_model(ckpt, device, need_captioner=True)
-    source = _readable(records, [cfg.encoder.image_size])
+    setup = caption_setup(model_folder(ckpt), cfg, repetition_penalty, no_repeat_ngram_size, dedupe)
+    source = _readable(records, [setup.crop_size])
     captions = caption_images(model, source, batch_size, max_new_tokens or cfg.decode.max_new_tokens,
-                              num_beams or cfg.decode.num_beams, progress)
+                              num_beams or cfg.decode.num_beams, progress, prepare=setup.prepare, generate_fn=setup.generate_fn)
+    if setup.clean: captions = {name: setup.clean(text) for name, text in captions.items()}
     if not captions: raise CommandError(f"none of the {len(records)} input files could be decoded")
     save_json(captions, out)
     return AppReport(len(captions), [out], list(source.skipped), captions)
@@ -209,6 +265,8 @@ def reconstruct_files(paths: Sequence[str | Path],  # image files, folders, JSON
     if out.exists() and not out.is_dir(): raise CommandError(f"--out {out} is a file; expected a folder")
     files = reconstruction_files([r['key'] for r in records], out)
     check_new([p for pair in files.values() for p in pair], overwrite)
+    from vlv.reference import STAGE2_NOTE, reference_settings
+    if (reference_settings(model_folder(ckpt)) or {}).get('stage') == 2: warnings.warn(STAGE2_NOTE)
     _, encoder, bottleneck, cfg = load_model(ckpt, device)
     if fast:
         from vlv.fast import fast_bottleneck
@@ -234,7 +292,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> Non
     "Options both commands share."
     parser.add_argument('paths', nargs='+', metavar='PATH', help="image files, folders (searched recursively) or JSONL manifests")
     parser.add_argument('--ckpt', required=True, metavar='DIR',
-                        help="saved model: runs/NAME/model (config.json, encoder/, ...) or the run folder runs/NAME")
+                        help="saved model: runs/NAME/model (config.json, encoder/, ...), the run folder runs/NAME, or a Hub id")
     parser.add_argument('--out', required=True, metavar='PATH', help=out_help)
     parser.add_argument('--batch-size', type=positive_int, default=16, metavar='N', help="images per batch (default: %(default)s)")
     parser.add_argument('--device', default='auto', metavar='DEV', help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
@@ -247,6 +305,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common_arguments(parser, "JSON file to write: {name: caption}")
     parser.add_argument('--max-new-tokens', type=positive_int, metavar='N', help="generation limit (default: the saved decode.max_new_tokens)")
     parser.add_argument('--beams', type=positive_int, metavar='N', help="beam width, 1 = greedy (default: the saved decode.num_beams)")
+    parser.add_argument('--repetition-penalty', type=float, default=1.0, metavar='F', help="> 1 discourages repeated tokens (default: %(default)s, off)")
+    parser.add_argument('--no-repeat-ngram', type=int, default=0, metavar='N', help="never repeat an n-gram of N tokens (default: %(default)s, off)")
+    parser.add_argument('--dedupe', action=argparse.BooleanOptionalAction, default=None,
+                        help="drop repeated sentences (default: on for a model from `vlv import-reference`, else off)")
 
 
 def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
@@ -278,7 +340,8 @@ def _run_app(prog: str, job, done: str) -> int:
 def caption_command(args: argparse.Namespace) -> int:
     "Handler of `vlv caption`."
     job = partial(caption_files, args.paths, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
-                  max_new_tokens=args.max_new_tokens, num_beams=args.beams, overwrite=args.overwrite, progress=args.progress)
+                  max_new_tokens=args.max_new_tokens, num_beams=args.beams, overwrite=args.overwrite, progress=args.progress,
+                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram, dedupe=args.dedupe)
     return _run_app('vlv caption', job, f"wrote captions of {{n}} image{{s}} to {args.out}")
 
 

@@ -623,6 +623,8 @@ COMMANDS: dict[str, Command] = {
                       'vlv.report:add_readme_arguments', 'vlv.report:readme_command', 'vlv.report:README_EPILOG'),
     'bench': Command("time stage 1, captioning and reconstruction: the reference configuration vs ours",
                      'vlv.bench:add_bench_arguments', 'vlv.bench:bench_command', 'vlv.bench:BENCH_EPILOG'),
+    'import-reference': Command("convert the authors' released stage-2 checkpoint into a vlv model folder (safetensors)",
+                                'vlv.reference:add_import_arguments', 'vlv.reference:import_command', 'vlv.reference:IMPORT_EPILOG'),
 }
 
 # %% ../nbs/90_cli.ipynb #fe76eb23
