@@ -26,11 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['PRESETS', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'RunConfig', 'DataConfig', 'BottleneckConfig',
-           'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig', 'Config',
-           'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys', 'check_overrides_read',
-           'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine', 'pil_to_tensor',
-           'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder', 'save_json',
-           'project_root', 'get_run_dir', 'CommandError', 'positive_int', 'check_positive', 'one_line', 'check_new']
+           'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig', 'EvalConfig',
+           'Config', 'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys',
+           'check_overrides_read', 'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine',
+           'pil_to_tensor', 'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder',
+           'save_json', 'project_root', 'get_run_dir', 'CommandError', 'positive_int', 'check_positive', 'one_line',
+           'check_new']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -276,6 +277,15 @@ class ExperimentsConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    "The paper's measurements on real images (nbs/06d_real_eval): reconstructions and captions of a held-out folder, Table 1."
+    heldout: str | None = None                             # held-out images: a folder (sidecar .txt captions) or a JSONL manifest; 'mini': the miniature's photos; None: skipped
+    evaluators: Literal['paper', 'tiny'] = 'paper'         # 'paper': Inception v3 FID (torch-fidelity) and CLIP ViT-L/14 CLIPScore; 'tiny': random-init stand-ins (offline tests)
+    coco_manifest: str | None = None                       # Table 1 runs when set: the JSONL `vlv coco-subset` writes; 'mini': a fake COCO of the miniature's photos
+    t2i_pipeline: str = 'stabilityai/stable-diffusion-3.5-medium' # Table 1's drawer (40 steps): hub id or local folder; 'tiny': a random-init SD3 (tests)
+    t2i_guidance: float = Field(2.0, ge=0)                 # its guidance scale (paper: 2.0)
+
+
 class Config(Section):
     "A whole experiment: one section per part of the method."
     preset: Literal['smoke', 'toy', 'paper', 'mini'] = 'smoke'
@@ -287,6 +297,7 @@ class Config(Section):
     encoder: EncoderConfig = EncoderConfig()
     stage1: Stage1Config = Stage1Config()
     experiments: ExperimentsConfig = ExperimentsConfig()
+    eval: EvalConfig = EvalConfig()
 
 # %% ../nbs/00_core.ipynb #4f5fd565
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}   # preset name -> {section: {field: value}} over the defaults
@@ -377,6 +388,9 @@ _MINI = dict(   # over `paper`: sizes, step counts and where the weights and sha
                     unet_attention_head_dim=(1, 2, 4, 4), sample_steps=4),
 )
 PRESETS['mini'] = {section: {**PRESETS['paper'].get(section, {}), **values} for section, values in _MINI.items()}
+
+# %% ../nbs/00_core.ipynb #10ffdd07
+PRESETS['mini']['eval'] = dict(heldout='mini', evaluators='tiny', coco_manifest='mini', t2i_pipeline='tiny')  # nbs/06d_real_eval
 
 # %% ../nbs/00_core.ipynb #cd932888
 def parse_overrides(overrides: Mapping[str, Any] | str | Sequence[str] | None, # {'data.n_train': 100}, 'data.n_train=100 run.seed=1' or a list of those
