@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 __all__ = ['APP_NOTES', 'CAPTION_EPILOG', 'RECONSTRUCT_EPILOG', 'model_folder', 'load_model', 'caption_images',
            'guarded_generate', 'CaptionSetup', 'caption_setup', 'image_noise', 'reconstruct_images',
            'reconstruction_files', 'side_by_side', 'AppReport', 'caption_files', 'reconstruct_files',
-           'add_caption_arguments', 'add_reconstruct_arguments', 'caption_command', 'reconstruct_command']
+           'add_caption_arguments', 'add_reconstruct_arguments', 'run_guarded', 'caption_command',
+           'reconstruct_command']
 
 # %% ../nbs/91_apps.ipynb #950a55ce
 def model_folder(ckpt: str | Path, # the model folder, or a run folder holding `model/`
@@ -321,16 +322,22 @@ def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--fast', action='store_true', help="sample in bf16 (for a GPU): faster; images differ by bf16 rounding")
 
 # %% ../nbs/91_apps.ipynb #f3d29f1b
+def run_guarded(prog: str, job: Callable) -> tuple[int, object]:
+    "Run `job()` with skipped-image warnings as lines; a `CommandError`, running out of GPU memory or Ctrl-C is one line -> (exit code, None)."
+    try:
+        with warnings_as_lines(prog): return 0, job()
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr); return 1, None
+    except torch.cuda.OutOfMemoryError:
+        print(f"{prog}: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr); return 1, None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr); return 130, None
+
+
 def _run_app(prog: str, job, done: str) -> int:
     "Run `job()` -> AppReport; print `done` (formatted with the report) or a one-line error; return the exit code."
-    try:
-        with warnings_as_lines(prog): report = job()
-    except CommandError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr); return 1
-    except torch.cuda.OutOfMemoryError:
-        print(f"{prog}: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr); return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr); return 130
+    code, report = run_guarded(prog, job)
+    if code: return code
     skipped = (f"; skipped {len(report.skipped)} unreadable file{'s' if len(report.skipped) > 1 else ''} (see the warnings above)"
                if report.skipped else '')
     print(f"{prog}: {done.format(n=report.n_images, s='' if report.n_images == 1 else 's')}{skipped}")
