@@ -1,6 +1,7 @@
 """`vlv run --preset mini` through every pipeline notebook: the paper's code path (Florence-2, SD 2.1-base's classes, Qwen2,
 WebDataset shards of real photos) executed notebook by notebook, as CI runs it (`scripts/test.sh` runs the slow tests).
-About 6 minutes alone on 2 CPU cores (measured 2026-12-04; the machine was shared, so expect more under load)."""
+9.0 minutes on 2 shared CPU cores under load (load average about 6, 4 CPU-minutes); the notebooks took 5.2 minutes
+when the machine was quieter (2026-12-04)."""
 from __future__ import annotations
 
 import json
