@@ -1,4 +1,4 @@
-"""`vlv run --preset mini` through every pipeline notebook: the paper's code path (Florence-2, SD 2.1-base's classes, Qwen2,
+"""`vlv run --preset mini` through every pipeline notebook, and the `paper` preset's own branches on the miniature: the paper's code path (Florence-2, SD 2.1-base's classes, Qwen2,
 WebDataset shards of real photos) executed notebook by notebook, as CI runs it (`scripts/test.sh` runs the slow tests).
 9.0 minutes on 2 shared CPU cores under load (load average about 6, 4 CPU-minutes); the notebooks took 5.2 minutes
 when the machine was quieter (2026-12-04)."""
@@ -50,3 +50,30 @@ def test_mini_run_goes_through_every_notebook(repo, tmp_path, run_process):
     printed = lambda nb: ''.join(t for c in json.loads((run / f'{nb}.ipynb').read_text())['cells']
                                  for o in c.get('outputs', []) for t in o.get('text', []))
     assert printed('05a_lm').count('skipped:') >= 2 and printed('06_eval').count('skipped:') >= 8   # toy-only cells say why
+
+
+@pytest.mark.slow
+def test_paper_cells_run_on_the_miniature(repo, tmp_path, run_process):
+    """The `paper` preset's own branches (02 loads `encoder.pretrained`; 02, 04 and 05 skip the checks that would build a
+    second full-size model) with the miniature's sizes, weights and shards passed as overrides: nothing downloads."""
+    from vlv.core import PRESETS
+    from vlv.miniature import ensure_miniature, miniature_config
+    cfg = miniature_config(tmp_path / 'miniature')
+    ensure_miniature(cfg)
+    value = lambda v: '[' + ','.join(map(str, v)) + ']' if isinstance(v, tuple) else str(v)
+    overrides = ' '.join(f'{section}.{key}={value(getattr(getattr(cfg, section), key))}'
+                         for section, values in PRESETS['mini'].items() for key in values
+                         if PRESETS['paper'].get(section, {}).get(key) != values[key])
+    runs = tmp_path / 'runs'
+    done = run_process([sys.executable, '-m', 'vlv.cli', 'run', '--preset', 'paper', '--name', 'paper', '--only', '02', '04', '05',
+                        '06', '--runs-dir', runs, '--no-progress', '-p', 'cfg_overrides', overrides], cwd=repo, timeout=1500,
+                       HF_HUB_OFFLINE='1')
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = runs / 'paper'
+    printed = lambda nb: ''.join(t for c in json.loads((run / f'{nb}.ipynb').read_text())['cells']
+                                 for o in c.get('outputs', []) for t in o.get('text', []))
+    assert f"Florence-2 from {tmp_path / 'miniature' / 'florence-2'}" in printed('02_encoder')
+    assert printed('02_encoder').count('not built at full size') == 2 and 'second Florence-2-large' in printed('02_encoder')
+    assert 'skipped: the step check would build a second Florence-2-large' in printed('04_stage1')
+    assert 'skipped: loading it back would hold a second full-size captioner' in printed('05_decode')
+    assert json.loads((run / 'metrics.json').read_text())['eval']['real']['n_images'] == 8
