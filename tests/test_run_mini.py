@@ -1,7 +1,7 @@
 """`vlv run --preset mini` through every pipeline notebook, and the `paper` preset's own branches on the miniature: the
 paper's code path (Florence-2, SD 2.1-base's classes, Qwen2, WebDataset shards of real photos) executed notebook by
-notebook, as CI runs it (`scripts/test.sh` runs the slow tests). The full run: 9.0 minutes on 2 shared CPU cores under
-load (load average about 6, 4 CPU-minutes); its notebooks took 5.2 minutes when the machine was quieter (2026-12-04)."""
+notebook, as CI runs it (`scripts/test.sh` runs the slow tests). The full run: 5.8 minutes on 2 CPU cores shared with
+other jobs (load average about 4.5; 9.0 minutes at load 6; about 4 CPU-minutes); the paper branches 1.2 minutes (2026-12-04)."""
 from __future__ import annotations
 
 import json
