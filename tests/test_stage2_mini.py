@@ -189,3 +189,60 @@ def test_gradient_checkpointing_recomputes_the_same(mini, tmp_path, monkeypatch)
     saved, w_saved = run(config(folder, **data, **{'decode.gradient_checkpointing': True}), tmp_path / 'saved', mini)
     assert calls and set(calls) == {False}
     assert [h['loss'] for h in saved] == [h['loss'] for h in plain] and same_weights(w_plain, w_saved)
+
+
+def saved_model(run_dir: Path) -> dict:
+    "Every tensor of the captioner `vlv stage2` saved in RUN_DIR/model."
+    from safetensors.torch import load_file
+    return {f'{p.relative_to(run_dir)}:{k}': v for p in sorted((run_dir / 'model').rglob('*.safetensors')) for k, v in load_file(p).items()}
+
+
+def optimizer_file(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / 'stage2' / 'checkpoints' / f'step-{step:07d}' / 'optimizer.pt', weights_only=True)['optimizer']['state']
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_and_resume_exactly(mini, photo_dir, tmp_path, run_process, fsdp_launch):
+    """`accelerate launch` with the shipped fsdp.yaml (2 processes, FSDP2 over gloo: the Qwen2 and Florence-2 layers
+    sharded, the frozen decoder replicated) on the JSONL pairs: stopped after 2 of 4 steps and resumed, its losses, saved
+    model and optimiser states (gathered from both ranks' shards) equal those of one process in one go."""
+    folder, _, _, encoder = mini
+    for run in ('one', 'fsdp'): save_encoder(encoder, tmp_path / run / 'stage1' / 'encoder')
+    args = ['stage2', '--preset', 'mini', '--no-progress', '-o', 'data.source=jsonl', f'data.path={photo_dir / "photos.jsonl"}',
+            'data.streaming=false', 'run.device=cpu', 'decode.log_every=1', 'decode.lr=1e-3', 'decode.psi_lr=1e-3',
+            'decode.log_with=none']   # micro-batches of one pair, seeded alike: 4 in one process, 2 x 2 processes
+    one = run_process([sys.executable, '-m', 'vlv.cli', *args, 'decode.grad_accum=4', '--run-dir', 'one'], tmp_path,
+                      VLV_MINIATURE=str(folder))
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [*fsdp_launch(2), *args, 'decode.grad_accum=2', '--run-dir', 'fsdp']
+    first = run_process([*launch, '--stop-after', '2'], tmp_path, VLV_MINIATURE=str(folder))
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = optimizer_file(tmp_path / 'one', 2), optimizer_file(tmp_path / 'fsdp', 2)   # both ranks' shards, whole
+    assert state[0].keys() == state[1].keys() and any(k.startswith('caption_decoder.lm.') for k in state[0])
+    for k in state[0]: torch.testing.assert_close(state[1][k], state[0][k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f'{k}: {m}')
+    second = run_process([*launch, '--resume'], tmp_path, VLV_MINIATURE=str(folder))
+    assert second.returncode == 0, second.stderr[-3000:]
+    losses = [[r['loss'] for r in log_lines(tmp_path / run / 'stage2')] for run in ('one', 'fsdp')]
+    assert len(losses[1]) == 4
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    weights = saved_model(tmp_path / 'one'), saved_model(tmp_path / 'fsdp')
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]: torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f'{k}: {m}')
+    state = optimizer_file(tmp_path / 'one', 4), optimizer_file(tmp_path / 'fsdp', 4)   # the resumed moments went on as in one go
+    for k in state[0]: torch.testing.assert_close(state[1][k], state[0][k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f'{k}: {m}')
+
+
+def test_validation_captions_of_held_out_pairs(mini, photo_dir, tmp_path):
+    """decode.val_every: greedy captions of the first `val_images` captioned pairs of a map-style source, which training
+    leaves out, next to their references in val_captions.jsonl every N steps; a stream without data.val_path is refused."""
+    folder, pattern, *_ = mini
+    data = {'data.source': 'jsonl', 'data.path': str(photo_dir / 'photos.jsonl'), 'data.streaming': False}
+    cfg = config(folder, **data, **{'decode.steps': 4, 'decode.val_every': 2, 'decode.val_images': 2})
+    run(cfg, tmp_path / 'v', mini)
+    lines = [json.loads(l) for l in (tmp_path / 'v' / 'val_captions.jsonl').read_text().splitlines()]
+    assert [l['step'] for l in lines] == [2, 4]
+    assert [r['reference'] for r in lines[0]['captions']] == [PHOTOS[0][2], PHOTOS[1][2]]   # photo 2 has no caption
+    assert all(isinstance(r['caption'], str) for l in lines for r in l['captions'])
+    assert log_lines(tmp_path / 'v')[-1]['data'] == {'captioned': 3, 'no_caption': 1, 'validation': 2}
+    streamed = config(folder, **{'data.path': pattern, 'decode.val_every': 2})
+    with pytest.raises(ValueError, match='data.val_path'): run(streamed, tmp_path / 's', mini)
