@@ -29,8 +29,9 @@ def unique_state(model: nn.Module, # any module
     "The state dict with each tied tensor stored once (safetensors refuses shared storage)."
     state, seen, aliases = {}, {}, {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen: aliases[name] = seen[key]; continue
+        local = tensor.to_local() if hasattr(tensor, 'to_local') else tensor   # a DTensor (FSDP2): tied ones share their shard
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if local.numel() and key in seen: aliases[name] = seen[key]; continue
         seen[key] = name; state[name] = tensor
     return state, aliases
 

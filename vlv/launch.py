@@ -13,7 +13,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['micro_batch', 'deepspeed_settings', 'launch_request', 'check_launch', 'mixed_precision', 'fsdp_settings',
-           'whole_weights', 'accelerate_config']
+           'whole_weights', 'as_forward', 'accelerate_config']
 
 # %% ../nbs/00f_launch.ipynb #715f4e9c
 def micro_batch(batch_size: int, # global batch per optimiser step
@@ -98,6 +98,18 @@ def whole_weights(model: nn.Module,        # an FSDP2 model (its parameters are 
         owner, _, leaf = name.rpartition('.')
         model.get_submodule(owner)._parameters[leaf] = whole[id(param)]
     return model
+
+# %% ../nbs/00f_launch.ipynb #40e4ec50
+def as_forward(model: nn.Module, # a prepared model (FSDP2: the root unit)
+               fn,               # what to run, e.g. `unwrapped.caption`
+               *args, **kwargs):
+    "`fn(*args, **kwargs)` run as `model`'s forward pass, inside the hooks that gather a sharded model's parameters."
+    saved = model.__dict__.get('forward')   # Accelerate's autocast wrapper, if any
+    model.forward = fn
+    try: return model(*args, **kwargs)
+    finally:
+        if saved is None: del model.forward
+        else: model.forward = saved
 
 # %% ../nbs/00f_launch.ipynb #c758e2b2
 def accelerate_config(kind: str = 'ddp', # 'ddp' | 'fsdp' | 'deepspeed-zero2'

@@ -466,11 +466,12 @@ class Stage1Run:
     def encode_latents(self) -> bool: return self.stream is not None   # a stream: the VAE runs in the step
 
     def save_grid(self, step: int) -> None:
-        "Reconstructions of the fixed images after `step` (main process; PNG and trackers), then a barrier."
-        if self.main and self.sample_images is not None:
+        "Reconstructions of the fixed images after `step` (main process, under FSDP every process alike; PNG and trackers), then a barrier."
+        if (self.main or self.acc.distributed_type.name == 'FSDP') and self.sample_images is not None:   # FSDP: layers gathered as they run
             b = self.cfg.bottleneck
             samples = reconstruct(self.acc.unwrap_model(self.model), self.decoder, self.sample_images, b.guidance,
                                   b.sample_steps, b.sampler, seed=0)
+        if self.main and self.sample_images is not None:
             self.grids.append(save_grid(self.folder / f'recon-step{step:07d}.png', self.sample_images, samples))
             if self.acc.trackers: log_image(self.acc, 'validation/reconstructions', Image.open(self.grids[-1]), step)
         self.acc.wait_for_everyone()
@@ -569,7 +570,7 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     if s.compile: model = torch.compile(model); decoder.unet = torch.compile(decoder.unet)
     features = FeatureCache() if s.cache_vision_features and not cfg.encoder.train_vision else None
     model.train()
-    sample_images = first_images(data, s.sample_images) if sample_images is None and main else sample_images   # before a resume
+    if sample_images is None and (main or acc.distributed_type.name == 'FSDP'): sample_images = first_images(data, s.sample_images)   # before a resume
     batches, stream = stage1_batches(cfg, data, world, rank, start, end, saved.get('stream'))
     if stream is not None: counters = stream_counters(stream, start * s.batch_size, gather_object)
     return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, batches, features, folder, start, end, checkpoint,

@@ -26,18 +26,18 @@ from .core import Config, atomic_write, autocast_dtype, warmup_cosine
 from .checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state, load_trainable, optimizer_state,
                              save_checkpoint, save_trainable)
 from .tokenizers import caption_ids
-from .decode import Stage2Model, make_batch
+from .decode import Stage2Model, hf_generate, make_batch
 from .preemption import Preempted, StopSignals
 from .streams import StreamState
-from .launch import check_launch, fsdp_settings, micro_batch, mixed_precision, whole_weights
+from .launch import as_forward, check_launch, fsdp_settings, micro_batch, mixed_precision, whole_weights
 from .stage1 import (StepLog, flat_config, make_trackers, micro_seeds, stream_batches, stream_counters,
                         tracker_names)
 
 # %% auto #0
 __all__ = ['FREE_DECODE_FIELDS', 'captioned_indices', 'conditioning_cache', 'scored_tokens', 'DrawnBatches', 'collate_pairs',
            'StreamPairs', 'stage2_settings', 'check_settings', 'save_trainable_into', 'validation_pairs',
-           'stage2_validation', 'log_captions', 'Stage2Run', 'stage2_data', 'prepare_stage2', 'stage2_step',
-           'train_stage2']
+           'stage2_validation', 'synced_generate', 'log_captions', 'Stage2Run', 'stage2_data', 'prepare_stage2',
+           'stage2_step', 'train_stage2']
 
 # %% ../nbs/05c_stage2.ipynb #6e2c5887
 def captioned_indices(dataset) -> np.ndarray:
@@ -175,14 +175,17 @@ def stage2_validation(acc: Accelerator, cfg: Config, model: Stage2Model, data, v
     if not d.val_every: return None, 0
     validation = validation_pairs(data, val_data, d.val_images, model.input_key)   # a stream without val_data: an error
     holdout = 0 if val_data is not None else len(validation[1])
-    if acc.distributed_type.name == 'FSDP':
-        if acc.is_main_process: warnings.warn("decode.val_every: no validation captions under FSDP yet (the whole model exists only "
-                                              "inside a forward pass of every process); caption a saved checkpoint instead", stacklevel=3)
-        validation = None
     if acc.is_main_process and (path := folder / 'val_captions.jsonl').exists():   # a resumed run: the lines up to its start
         lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= start]
         with atomic_write(path, 'w') as f: f.write(''.join(l + '\n' for l in lines))
     return validation, holdout
+
+
+def synced_generate(lm: nn.Module, *args, **kwargs):
+    "`hf_generate` with every process stepping until all are done (`synced_gpus`): under FSDP each step gathers the layers on all."
+    lm.generate = partial(type(lm).generate, lm, synced_gpus=True)
+    try: return hf_generate(lm, *args, **kwargs)
+    finally: del lm.generate
 
 
 def log_captions(acc: Accelerator, name: str, rows: list[dict], step: int) -> None:
@@ -220,13 +223,16 @@ class Stage2Run:
     def unwrapped(self) -> Stage2Model: return self.acc.unwrap_model(self.model)
 
     def validate(self, step: int) -> None:
-        "Greedy captions of the validation inputs after `step` next to their references (main process; the others wait)."
+        "Greedy captions of the validation inputs after `step` next to their references (main process; the others wait, or under FSDP run alike)."
         if self.validation is None: return
-        if self.acc.is_main_process:
+        sharded = self.acc.distributed_type.name == 'FSDP'   # every process takes part: each layer is gathered as it runs
+        if self.acc.is_main_process or sharded:
             (inputs, references), model = self.validation, self.unwrapped.eval()
-            with self.acc.autocast():
-                captions = model.caption(inputs.to(self.acc.device) if torch.is_tensor(inputs) else inputs, self.cfg.decode.max_new_tokens)
+            inputs = inputs.to(self.acc.device) if torch.is_tensor(inputs) else inputs
+            caption = partial(model.caption, max_new_tokens=self.cfg.decode.max_new_tokens, generate_fn=synced_generate if sharded else hf_generate)
+            with torch.no_grad(), self.acc.autocast(): captions = as_forward(self.model, caption, inputs) if sharded else caption(inputs)
             model.train()
+        if self.acc.is_main_process:
             rows = [dict(reference=r, caption=c) for r, c in zip(references, captions.texts)]
             with open(self.folder / 'val_captions.jsonl', 'a') as f: f.write(json.dumps(dict(step=step, captions=rows)) + '\n')
             log_captions(self.acc, 'validation/captions', rows, step)
