@@ -8,10 +8,13 @@ in memory (`bottleneck.pretrained=random`: the same classes and sizes as the rel
 miniature's sixteen offline photos written as WebDataset shards (`vlv.miniature.write_photo_shards`) and read by the
 preset's own source. The run is `vlv.stage1.train_stage1` itself (Accelerate, bf16 autocast on CUDA, fused AdamW), for
 a few steps; then a checkpoint round trip (the last checkpoint strictly loaded into a fresh encoder, optimiser and
-schedule: every tensor equal) and a reconstruction grid through the frozen decoder.
+schedule: every tensor equal), a reconstruction grid through the frozen decoder, and a few steps of stage 2
+(`vlv.stage2.train_stage2`) on the shards' captions: the trained encoder, psi and a random-init LM of the preset's
+shape (full: Qwen2.5-3B's, over Qwen2.5's 151,643-token BPE vocabulary), trained as the preset says, for caption
+tokens/s and peak memory.
 
 Written to --out (default $OUT, else runs/gpu-stage1): gpu_stage1.json (rewritten after every phase, so a failure or a
-time limit keeps what finished), log.jsonl (the run's log) and recon.png. Exit status 0 only when every phase passed.
+time limit keeps what finished), log.jsonl (the run's log), recon.png and stage2_log.jsonl. Exit status 0 only when every phase passed.
 
     python scripts/gpu_stage1.py                 # one GPU, full size (bash scripts/gpu_stage1.sh on the device machine)
     python scripts/gpu_stage1.py --tiny          # the same code at the `mini` preset's sizes on a CPU, in seconds
@@ -36,19 +39,20 @@ import torch.nn.functional as F
 
 from vlv.core import Config, get_config, parse_overrides, save_json
 from vlv.encoder import build_encoder
-from vlv.miniature import PHOTOS, write_florence, write_photo_shards
+from vlv.miniature import PHOTOS, qwen_tokenizer, write_florence, write_photo_shards
 from vlv.bottleneck import load_decoder
 from vlv.worlds import train_images
 from vlv.stage1 import first_images, load_stage1_checkpoint, make_optimizer, reconstruct, save_grid, train_stage1
 from vlv.bench import (FLORENCE2_LARGE_VOCAB, STAGE1_FLOP_PER_IMAGE, build_on, device_name, free_memory, peak_memory_gib,
                        reset_peak_memory)
 
+QWEN25_BPE = 151_643    # Qwen2.5's BPE tokens (its 3B model pads the embedding to 151,936 rows)
 FLORENCE_SPECIALS = 6   # rows of write_florence's vocabulary besides the BPE tokens: <s> <pad> </s> <unk> <mask> + the image token
 SIZES = dict(   # per size: preset, device, images per step, untimed + timed steps, data workers, shards (16 photos each), longest side
     full=dict(preset='paper', device='cuda', batch_size=64, warmup=3, steps=5, workers=4, shards=8, max_side=768,
-              florence_tokens=FLORENCE2_LARGE_VOCAB - FLORENCE_SPECIALS, sample_images=4, sample_steps=10),
+              florence_tokens=FLORENCE2_LARGE_VOCAB - FLORENCE_SPECIALS, sample_images=4, sample_steps=10, qwen_tokens=QWEN25_BPE),
     tiny=dict(preset='mini', device='cpu', batch_size=4, warmup=1, steps=2, workers=0, shards=2, max_side=256,
-              florence_tokens=4096, sample_images=2, sample_steps=2),
+              florence_tokens=4096, sample_images=2, sample_steps=2, qwen_tokens=4096),
 )
 
 
@@ -236,6 +240,36 @@ def grid(cfg: Config, images, encoder, decoder, out: Path, report: Report) -> No
                           finite=bool(torch.isfinite(samples).all()))
 
 
+def stage2(cfg: Config, args: argparse.Namespace, work: Path, encoder, decoder, device: torch.device, out: Path, report: Report) -> None:
+    "A few stage-2 steps (`train_stage2`, the preset's `decode.train`) of the trained encoder with psi and a random-init LM of the preset's shape on the shards' captions: tokens/s and peak memory."
+    from vlv.decode import CaptionDecoder, Stage2Model, load_lm
+    from vlv.stage2 import train_stage2
+    from vlv.worlds import caption_pairs
+    total = args.warmup + args.steps
+    decode = cfg.decode.model_dump() | dict(lm='random', steps=total + 1, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                            warmup_steps=1, checkpoint_every=total, log_every=1, log_with='none',
+                                            gradient_checkpointing=not args.tiny)
+    s2 = Config.model_validate(cfg.model_dump() | {'decode': decode, 'data': cfg.data.model_dump() | {'source': 'webdataset'}})
+    free_memory(device)
+    tokenizer = qwen_tokenizer(args.size['qwen_tokens'])
+    lm = build_on(device, lambda: load_lm(s2.decode, seed=s2.run.seed, tokenizer=tokenizer)[0])
+    model = Stage2Model(encoder, decoder, CaptionDecoder(lm, tokenizer, decoder.text_width, s2.decode.psi_hidden, seed=s2.run.seed))
+    reset_peak_memory(device)
+    history = train_stage2(model, caption_pairs(s2), s2, work / 'stage2', resume=False, stop_after=total, progress=False)
+    ends = [0.0] + [h['seconds'] for h in history]
+    seconds = [b - a for a, b in zip(ends, ends[1:])][args.warmup:]
+    tokens = [h['tokens'] for h in history][args.warmup:]
+    peak, what = peak_memory_gib(device)
+    report['stage2'] = dict(
+        steps=len(history), timed_steps=len(seconds), batch_size=args.batch_size, grad_accum=args.grad_accum, train=s2.decode.train,
+        gradient_checkpointing=s2.decode.gradient_checkpointing, lm_parameters=count(lm), vocabulary=len(tokenizer),
+        tokens_per_s=round(sum(tokens) / sum(seconds), 1), images_per_s=round(args.batch_size * len(seconds) / sum(seconds), 3),
+        seconds_per_step=round(sum(seconds) / len(seconds), 4), peak_memory_gib=round(peak, 3), peak_memory=what,
+        losses=[h['loss'] for h in history])
+    shutil.copy(work / 'stage2' / 'log.jsonl', out / 'stage2_log.jsonl')
+    if not all(map(torch.isfinite, torch.tensor(report['stage2']['losses']))): raise FloatingPointError(f"non-finite stage-2 loss: {report['stage2']['losses']}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out or os.environ.get('OUT') or 'runs/gpu-stage1'); out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +303,8 @@ def main(argv=None) -> int:
         if (run_log := result.folder / 'log.jsonl').exists(): shutil.copy(run_log, out / 'log.jsonl')
         report.phase('checkpoint_round_trip', round_trip, cfg, result, decoder, report)
         if not args.no_grid: report.phase('grid', grid, cfg, images, encoder, decoder, out, report)
+        if report['data'].get('shards'):   # captions to train on (the synthetic images have none); last: it trains the encoder on
+            report.phase('stage2', stage2, cfg, args, work, encoder, decoder, device, out, report)
         report['status'] = 'ok'
     except BaseException as e:
         traceback.print_exc()
@@ -279,9 +315,11 @@ def main(argv=None) -> int:
         report.save()
         if not args.work: shutil.rmtree(work, ignore_errors=True)
     t = report.get('train', {})
+    s2 = report.get('stage2', {})
     print(f"[gpu_stage1] {report['status']} in {report['seconds']} s: {t.get('images_per_s')} images/s, "
           f"{t.get('seconds_per_step')} s/step, peak {t.get('peak_memory_gib')} GiB, checkpoint round trip "
-          f"{report.get('checkpoint', {}).get('equal')}; report {report.path}", flush=True)
+          f"{report.get('checkpoint', {}).get('equal')}; stage 2 {s2.get('tokens_per_s')} tokens/s, peak {s2.get('peak_memory_gib')} GiB; "
+          f"report {report.path}", flush=True)
     return 0 if report['status'] == 'ok' else 1
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -117,3 +118,37 @@ def photo_records() -> list[dict]:
     return [{'key': f'{i:03d}-{name}', 'image': image.resize((96, round(96 * image.height / image.width))),
              'caption': f'a photo of the {name}', 'meta': {'pwatermark': 0.05, 'aesthetic': 5.5}}
             for i, (name, image) in enumerate(images.items())]
+
+
+GPU_LIKE = '''"""`vlv ARGS` in a process that Accelerate takes for a GPU's: Accelerate applies FSDP only on GPUs, so this CPU
+process (gloo) claims the distributed type of GPUs and Accelerate's FSDP2 path runs as on a node of GPUs."""
+import os, sys
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: ('gloo', DistributedType.MULTI_GPU)
+torch.distributed.init_process_group('gloo')   # what Accelerate does for GPUs, here on the CPU
+os.environ['ACCELERATE_TORCH_DEVICE'] = 'cpu'
+torch.set_num_threads(1)
+from vlv.cli import main
+code = main(sys.argv[1:])
+torch.distributed.barrier(); torch.distributed.destroy_process_group()   # no gloo thread left at exit
+sys.exit(code)
+'''
+
+
+@pytest.fixture(scope='session')
+def fsdp_launch(tmp_path_factory) -> Callable[[int], list]:
+    """`fsdp_launch(processes)`: the start of an argv that runs `vlv ARGS...` under `accelerate launch` with the shipped
+    fsdp.yaml (fp32) on CPU processes that Accelerate takes for GPUs' (it applies FSDP only there): its FSDP2 path over gloo."""
+    import yaml
+    from vlv.launch import accelerate_config
+    folder = tmp_path_factory.mktemp('fsdp-launch')
+    (folder / 'gpu_like.py').write_text(GPU_LIKE)
+    def argv(processes: int = 2) -> list:
+        config = yaml.safe_load(accelerate_config('fsdp').read_text())
+        config.update(num_processes=processes, mixed_precision='no', use_cpu=True)
+        path = folder / f'fsdp-{processes}.yaml'; path.write_text(yaml.safe_dump(config))
+        return [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', path, '--main_process_port', '0',
+                folder / 'gpu_like.py']
+    return argv

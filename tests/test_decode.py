@@ -96,11 +96,10 @@ def test_loss_errors(cfg, bottleneck, new_captioner):
 def test_training_never_computes_logits_of_the_prefix(tmp_path, tiny_cfg, new_model):
     """Stage-2 training steps through `train_stage2` (LM trained, conditioning not cached): the LM head only ever sees
     the caption positions of the sequence the LM just ran (never its N prefix positions), at most `logit_chunk` of
-    them (whole captions) a call, and the LM's full forward (logits at every position) never runs."""
-    cfg = tiny_cfg(STAGE2, 'decode.steps=2 decode.batch_size=6 decode.cache_conditioning=false')
+    them (whole captions) a call (`decode.logit_chunk`), and the LM's full forward (logits at every position) never runs."""
+    cfg = tiny_cfg(STAGE2, 'decode.steps=2 decode.batch_size=6 decode.cache_conditioning=false decode.logit_chunk=40')
     model, data = new_model(cfg), make_splits(cfg.data, seed=0)['train']
     captioner = model.caption_decoder
-    captioner.logit_chunk = 40
     events = []
     hooks = [captioner.lm.base_model.register_forward_hook(lambda m, a, out: events.append(('lm', out.last_hidden_state.shape[1]))),
              captioner.lm.get_output_embeddings().register_forward_hook(lambda m, a, out: events.append(('head', *out.shape))),

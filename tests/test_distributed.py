@@ -15,7 +15,7 @@ import yaml
 
 from vlv.core import get_config
 from vlv.launch import deepspeed_settings
-from vlv.stage1 import accelerate_config
+from vlv.launch import accelerate_config
 
 MINI_DATA = ['-o', 'run.device=auto']   # DeepSpeed brings its own CPU accelerator: the run must not ask Accelerate for the CPU
 
@@ -47,17 +47,28 @@ def test_deepspeed_gets_the_micro_batch_and_must_agree_with_vlv():
     deepspeed_settings(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), cfg)   # no DeepSpeed: nothing to do
 
 
-def test_fsdp_wraps_layer_classes_the_encoder_has(mini_encoder):
-    names = yaml.safe_load(accelerate_config('fsdp').read_text())['fsdp_config']['fsdp_transformer_layer_cls_to_wrap']
+def test_fsdp_wraps_layer_classes_the_models_have(mini_encoder):
+    """fsdp.yaml names the layers of both stages: stage 1 shards those of the encoder (Florence-2), stage 2 also Qwen2's;
+    `fsdp_settings` keeps the classes the model at hand has, and refuses a config naming none of them."""
+    from transformers.models.qwen2 import modeling_qwen2
+    from vlv.launch import fsdp_settings
+    names = yaml.safe_load(accelerate_config('fsdp').read_text())['fsdp_config']['fsdp_transformer_layer_cls_to_wrap'].split(',')
     present = {type(m).__name__ for m in mini_encoder.modules()}
-    assert set(names.split(',')) <= present, set(names.split(',')) - present
+    assert set(names) - present == {'Qwen2DecoderLayer'} and hasattr(modeling_qwen2, 'Qwen2DecoderLayer')
+    plugin = SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=names, ignored_modules=None)
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(name='FSDP'), state=SimpleNamespace(fsdp_plugin=plugin))
+    fsdp_settings(acc, mini_encoder)
+    assert plugin.transformer_cls_names_to_wrap == [n for n in names if n != 'Qwen2DecoderLayer']
+    plugin.transformer_cls_names_to_wrap = ['Qwen2DecoderLayer']
+    with pytest.raises(ValueError, match='none of the FSDP config'): fsdp_settings(acc, mini_encoder)
 
 
 @pytest.fixture(scope='module')
 def mini_encoder(mini_world):
     from vlv.encoder import build_encoder
+    from vlv.miniature import miniature_config
     from vlv.worlds import load_bottleneck
-    cfg = get_config('mini')
+    cfg = miniature_config(mini_world)   # not get_config('mini'): vlv.core read VLV_MINIATURE when it was imported
     return build_encoder(cfg.encoder, load_bottleneck(cfg).text_width, seed=0)
 
 
@@ -116,7 +127,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from vlv.core import get_config, seeded
 from vlv.encoder import build_encoder
-from vlv.stage1 import accelerate_config, stage1_loss
+from vlv.launch import accelerate_config
+from vlv.stage1 import stage1_loss
 from vlv.worlds import load_bottleneck
 torch.set_num_threads(1)
 dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()

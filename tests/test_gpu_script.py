@@ -31,7 +31,7 @@ def test_tiny_run(script, tmp_path):
     assert script.main(['--tiny', '--out', str(out), '--work', str(tmp_path / 'work')]) == 0
     report = json.loads((out / 'gpu_stage1.json').read_text())
     assert report['status'] == 'ok', report
-    assert list(report['phases']) == ['write_florence', 'build_decoder', 'data', 'train', 'checkpoint_round_trip', 'grid']
+    assert list(report['phases']) == ['write_florence', 'build_decoder', 'data', 'train', 'checkpoint_round_trip', 'grid', 'stage2']
     train, size = report['train'], script.SIZES['tiny']
     assert train['steps'] == size['warmup'] + size['steps'] and train['timed_steps'] == size['steps']
     assert train['batch_size'] == size['batch_size'] and train['images_per_s'] > 0 and train['peak_memory_gib'] > 0
@@ -44,6 +44,10 @@ def test_tiny_run(script, tmp_path):
     assert script.SIZES['full']['florence_tokens'] + script.FLORENCE_SPECIALS == script.FLORENCE2_LARGE_VOCAB
     assert report['grid']['finite'] and (out / 'recon.png').stat().st_size > 0
     assert len((out / 'log.jsonl').read_text().splitlines()) == train['steps']
+    stage2 = report['stage2']   # a few stage-2 steps on the shards' captions: the LM over the Qwen2.5 tokenizer's vocabulary
+    assert stage2['steps'] == train['steps'] and stage2['tokens_per_s'] > 0 and stage2['peak_memory_gib'] > 0
+    assert stage2['vocabulary'] == size['qwen_tokens'] + 3 and all(map(torch.isfinite, torch.tensor(stage2['losses'])))
+    assert len((out / 'stage2_log.jsonl').read_text().splitlines()) == stage2['steps']
 
 
 def test_out_of_memory_halves_the_batch(script, tmp_path, monkeypatch):

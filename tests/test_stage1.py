@@ -159,12 +159,13 @@ def test_command_line(tmp_path, run_process, vlv_stage1_argv):
 
 def test_shipped_accelerate_configs():
     import yaml
+    from vlv.launch import accelerate_config
     kinds = {'ddp': 'MULTI_GPU', 'fsdp': 'FSDP', 'deepspeed-zero2': 'DEEPSPEED'}
     for kind, distributed in kinds.items():
-        config = yaml.safe_load(S.accelerate_config(kind).read_text())
+        config = yaml.safe_load(accelerate_config(kind).read_text())
         assert config['distributed_type'] == distributed and config['mixed_precision'] == 'bf16'
-    assert yaml.safe_load(S.accelerate_config('deepspeed-zero2').read_text())['deepspeed_config']['zero_stage'] == 2
-    with pytest.raises(FileNotFoundError, match='shipped'): S.accelerate_config('zero3')
+    assert yaml.safe_load(accelerate_config('deepspeed-zero2').read_text())['deepspeed_config']['zero_stage'] == 2
+    with pytest.raises(FileNotFoundError, match='shipped'): accelerate_config('zero3')
 
 
 def test_cached_vision_features_give_the_same_run(decoder, cache, tmp_path, tiny_cfg):

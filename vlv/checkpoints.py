@@ -20,8 +20,8 @@ from .core import atomic_folder, save_json
 
 # %% auto #0
 __all__ = ['unique_state', 'CheckpointMismatch', 'check_state', 'load_state', 'read_safetensors', 'load_weights', 'load_strict',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'save_trainable',
-           'load_trainable']
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'optimizer_state',
+           'load_optimizer_state', 'load_checkpoint', 'save_trainable', 'load_trainable']
 
 # %% ../nbs/00b_checkpoints.ipynb #41097880
 def unique_state(model: nn.Module, # any module
@@ -29,8 +29,9 @@ def unique_state(model: nn.Module, # any module
     "The state dict with each tied tensor stored once (safetensors refuses shared storage)."
     state, seen, aliases = {}, {}, {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen: aliases[name] = seen[key]; continue
+        local = tensor.to_local() if hasattr(tensor, 'to_local') else tensor   # a DTensor (FSDP2): tied ones share their shard
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if local.numel() and key in seen: aliases[name] = seen[key]; continue
         seen[key] = name; state[name] = tensor
     return state, aliases
 
@@ -123,7 +124,7 @@ def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
 def save_checkpoint(folder: str | Path,             # <stage dir>/checkpoints
                     step: int,                      # optimiser steps done
                     write_model: Callable[[Path], None], # writes the model part into the folder it is given
-                    optimizer: torch.optim.Optimizer,    # its state is saved
+                    optimizer: torch.optim.Optimizer | dict, # its state is saved: the optimiser, or `optimizer_state` gathered
                     scheduler=None,                 # a learning-rate scheduler (its state is saved), or None
                     record: dict | None = None,     # JSON-able fields for state.json (loss, history, config, ...)
                     keep: int = 2,                  # newest checkpoints kept
@@ -132,7 +133,7 @@ def save_checkpoint(folder: str | Path,             # <stage dir>/checkpoints
     folder, name = Path(folder), f"step-{step:07d}"
     with atomic_folder(folder / name) as tmp:   # the files inside need no atomicity of their own
         write_model(tmp)
-        torch.save({'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler is not None else None},
+        torch.save({'optimizer': optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler is not None else None},
                    tmp / 'optimizer.pt')
         tensors, meta = rng_state()
         save_file(tensors, tmp / 'rng.safetensors', metadata=meta)
@@ -150,25 +151,53 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     if not path.is_dir(): raise FileNotFoundError(f"{latest} points at {path}, which is missing")
     return path
 
+# %% ../nbs/00b_checkpoints.ipynb #cff30cd1
+def optimizer_state(model: nn.Module, # the model as trained (unwrapped from DDP; FSDP2 modules as they are)
+                    optimizer: torch.optim.Optimizer, # its state (Accelerate's wrapper or the optimiser itself)
+                   ) -> dict:                         # {'state': {name: ...}, 'param_groups': [...]} on the CPU
+    "The optimiser's whole state keyed by parameter names, shards gathered: a collective under FSDP (call it on every process)."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, getattr(optimizer, 'optimizer', optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(path: str | Path,   # a checkpoint folder
+                         model: nn.Module,   # the model as trained (after `prepare`: sharded under FSDP)
+                         optimizer: torch.optim.Optimizer, # receives its state (each rank its shard)
+                         state: dict | None = None, # the saved state, if read already
+                        ) -> None:
+    "Load a checkpoint's optimiser state; every process loads the whole state and keeps what it holds."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = state if state is not None else torch.load(Path(path) / 'optimizer.pt', map_location='cpu', weights_only=True)['optimizer']
+    optimizer = getattr(optimizer, 'optimizer', optimizer)
+    if not state['param_groups'] or not isinstance((state['param_groups'][0]['params'] or [''])[0], str):   # keyed by position
+        return optimizer.load_state_dict(state)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=torch.distributed.is_initialized()))
+
 # %% ../nbs/00b_checkpoints.ipynb #945aaede
 def load_checkpoint(path: str | Path,                   # a checkpoint folder
-                    optimizer: torch.optim.Optimizer,   # receives its state
+                    optimizer: torch.optim.Optimizer | None = None, # receives its state (None: `load_optimizer_state` after `prepare`)
                     scheduler=None,                     # receives its state (if one was saved)
+                    model: nn.Module | None = None,     # with `optimizer`: the model whose parameter names key the state
                    ) -> dict:                           # the record of state.json (with 'step')
     "Restore optimiser, schedule and random-generator states from a checkpoint written by `save_checkpoint`."
     path = Path(path)
     missing = [f for f in ('optimizer.pt', 'rng.safetensors', 'state.json') if not (path / f).is_file()]
     if missing: raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
     opt = torch.load(path / 'optimizer.pt', map_location='cpu', weights_only=True)
-    optimizer.load_state_dict(opt['optimizer'])
+    if optimizer is not None: load_optimizer_state(path, model, optimizer, opt['optimizer'])
     if scheduler is not None: scheduler.load_state_dict(opt['scheduler'])
     set_rng_state(*read_safetensors(path / 'rng.safetensors'))
     return json.loads((path / 'state.json').read_text())
 
 # %% ../nbs/00b_checkpoints.ipynb #170e2014
-def save_trainable(model: nn.Module, path: str | Path) -> Path:
+def save_trainable(model: nn.Module, path: str | Path,
+                   state: dict[str, Tensor] | None = None, # the whole weights by name (gathered under FSDP), or None: the model's
+                  ) -> Path:
     "Save the parameters of `model` that have `requires_grad` to a safetensors file."
-    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, Path(path))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = state if state is not None else dict(model.named_parameters())
+    save_file({n: state[n].detach().cpu().contiguous() for n in trained}, Path(path))
     return Path(path)
 
 

@@ -50,6 +50,7 @@ class DataConfig(Section):
     "The Shapes world (embedded default) or a real image source (paper scale)."
     source: Literal['shapes', 'folder', 'jsonl', 'webdataset'] = 'shapes'
     path: str | None = None                                # folder, manifest or shard pattern for real images
+    val_path: str | None = None                            # stage 2's validation pairs (decode.val_every), read like path; None: held out of a map-style training set
     image_size: int = Field(64, ge=8)                      # diffusion-side image size in pixels
     max_objects: int = Field(3, ge=1, le=9)                # Shapes: objects per scene (1..max)
     n_train: int = Field(2000, ge=1)                       # Shapes: training scenes
@@ -152,11 +153,14 @@ class DecodeConfig(Section):
     batch_size: int = Field(32, ge=1)                      # global batch per optimiser step (all processes and micro-batches)
     grad_accum: int = Field(1, ge=1)                       # micro-batches per optimiser step
     gradient_checkpointing: bool = False                   # recompute the LM's activations in the backward pass (memory for time)
+    logit_chunk: int = Field(1024, ge=1)                   # caption positions per LM-head + cross-entropy call in the loss: [logit_chunk, vocabulary] logits at once
     mixed_precision: Literal['auto', 'no', 'bf16'] = 'auto' # 'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(500, ge=1)               # steps between checkpoints (and one at the end)
     log_every: int = Field(10, ge=1)                       # steps between JSONL / tracker log lines
     log_with: str | tuple[str, ...] = ('tensorboard',)     # Accelerate trackers (tensorboard, wandb, mlflow, ...) or 'none'
+    val_every: int = Field(0, ge=0)                        # steps between greedy captions of the fixed validation images (val_captions.jsonl, trackers); 0: none
+    val_images: int = Field(8, ge=1)                       # validation images: the first captioned pairs of data.val_path, else of a map-style training set (held out of training)
     max_new_tokens: int = Field(64, ge=1)                  # generation limit (reference code: 300)
     num_beams: int = Field(1, ge=1)                        # 1 -> greedy; reference code: 4
     eval_scenes: int = Field(500, ge=1)                    # held-in / held-out test scenes captioned
@@ -346,6 +350,8 @@ PRESETS['paper'] = dict(
     stage1=dict(steps=200_000, batch_size=512, lr=5e-5, warmup_steps=1000, checkpoint_every=5000,
                 sample_every=5000, log_every=50, eval_scenes=1000, eval_batch_size=50, eval_guidance=(2.0,),
                 query_ablation=(16, 32, 77), ablation_steps=20_000, ablation_scenes=1000),
+    # stage 2: decode.logit_chunk (default 1024 caption positions) bounds the loss's logits to 1024 x 151,936 fp32 (0.6 GB)
+    # per call instead of 64 x 300 x 151,936 (~11.7 GB); decode.val_every / data.val_path add validation captions
     decode=dict(lm='Qwen/Qwen2.5-3B', lm_width=2048, lm_layers=36, lm_heads=16, lm_kv_heads=2,
                 lm_intermediate=11008, lm_max_positions=32768, psi_hidden=2048, train='psi+lm+encoder',
                 lr=1e-5, psi_lr=1e-5, warmup_steps=1000, steps=100_000, batch_size=64, checkpoint_every=5000,

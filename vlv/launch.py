@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import torch
+from torch import nn
 
 # %% auto #0
-__all__ = ['micro_batch', 'deepspeed_settings', 'check_launch']
+__all__ = ['micro_batch', 'deepspeed_settings', 'launch_request', 'check_launch', 'mixed_precision', 'fsdp_settings',
+           'whole_weights', 'as_forward', 'accelerate_config']
 
 # %% ../nbs/00f_launch.ipynb #715f4e9c
 def micro_batch(batch_size: int, # global batch per optimiser step
@@ -40,12 +45,77 @@ def deepspeed_settings(acc,            # its DeepSpeed plugin's config is comple
     conf['train_batch_size'] = s.batch_size
 
 
+def launch_request() -> str | None:
+    "What `accelerate launch` was asked for through the environment it sets: 'FSDP', 'DeepSpeed', or None (DDP / one process)."
+    for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED')):
+        if os.environ.get(var, 'false').lower() == 'true': return name
+    return None
+
+
 def check_launch(acc) -> None:
     "Refuse a launch whose FSDP or DeepSpeed config Accelerate did not apply (without GPUs it falls back to plain processes)."
-    asked = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED'))
-             if os.environ.get(var, 'false').lower() == 'true']
-    world = int(os.environ.get('WORLD_SIZE', acc.num_processes))
-    if asked and (acc.distributed_type.name != asked[0].upper() or acc.num_processes != world):
-        raise ValueError(f"launched with a {asked[0]} config, but Accelerate runs {acc.distributed_type.name} with {acc.num_processes} "
-                         f"of {world} processes: without GPUs Accelerate has no {asked[0]} backend (DeepSpeed's CPU accelerator "
+    asked, world = launch_request(), int(os.environ.get('WORLD_SIZE', acc.num_processes))
+    if asked and (acc.distributed_type.name != asked.upper() or acc.num_processes != world):
+        raise ValueError(f"launched with a {asked} config, but Accelerate runs {acc.distributed_type.name} with {acc.num_processes} "
+                         f"of {world} processes: without GPUs Accelerate has no {asked} backend (DeepSpeed's CPU accelerator "
                          "runs one process), and run.device=cpu turns it off; use the DDP config there")
+
+# %% ../nbs/00f_launch.ipynb #44c9f09a
+def mixed_precision(setting: str, # stage1.mixed_precision / decode.mixed_precision: 'auto' | 'no' | 'bf16'
+                    cpu: bool,    # the Accelerator runs on the CPU
+                   ) -> str:      # Accelerate's `mixed_precision`
+    "'auto' -> 'bf16' on CUDA (autocast, fp32 master weights), else 'no'; other settings as they are."
+    if setting != 'auto': return setting
+    return 'bf16' if not cpu and torch.cuda.is_available() else 'no'
+
+# %% ../nbs/00f_launch.ipynb #9f399138
+def fsdp_settings(acc,                           # under FSDP its plugin is set in place (nothing otherwise)
+                  model: nn.Module,              # the model `acc.prepare` will shard
+                  replicated: list[nn.Module] = [], # frozen submodules kept whole on every process (FSDP2 `ignored_params`)
+                 ) -> None:
+    "Shard as units the config's layer classes that `model` has (an error when it has none), and leave `replicated` out."
+    plugin = getattr(acc.state, 'fsdp_plugin', None)
+    if acc.distributed_type.name != 'FSDP' or plugin is None: return
+    if plugin.fsdp_version != 2: raise ValueError("vlv runs FSDP2 only: set fsdp_version: 2 in the Accelerate config (as fsdp.yaml does)")
+    names, present = list(plugin.transformer_cls_names_to_wrap or []), {type(m).__name__ for m in model.modules()}
+    if names and not (units := [n for n in names if n in present]):
+        raise ValueError(f"none of the FSDP config's layer classes {names} is in {type(model).__name__}: "
+                         "fsdp_transformer_layer_cls_to_wrap must name its transformer layers")
+    if names: plugin.transformer_cls_names_to_wrap = units
+    if replicated: plugin.ignored_modules = list(replicated)
+
+# %% ../nbs/00f_launch.ipynb #73059b06
+def whole_weights(model: nn.Module,        # an FSDP2 model (its parameters are shards)
+                  state: dict[str, torch.Tensor], # its whole weights by name (`Accelerator.get_state_dict`); {} on other processes: nothing changes
+                 ) -> nn.Module:
+    "Replace the sharded parameters of `model` by the whole tensors of `state`, on their device, tied parameters alike."
+    if not state: return model
+    whole = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in whole:
+            if name not in state: raise KeyError(f"{name} is not in the gathered weights")
+            whole[id(param)] = nn.Parameter(state[name].to(param.device), requires_grad=param.requires_grad)
+        owner, _, leaf = name.rpartition('.')
+        model.get_submodule(owner)._parameters[leaf] = whole[id(param)]
+    return model
+
+# %% ../nbs/00f_launch.ipynb #40e4ec50
+def as_forward(model: nn.Module, # a prepared model (FSDP2: the root unit)
+               fn,               # what to run, e.g. `unwrapped.caption`
+               *args, **kwargs):
+    "`fn(*args, **kwargs)` run as `model`'s forward pass, inside the hooks that gather a sharded model's parameters."
+    saved = model.__dict__.get('forward')   # Accelerate's autocast wrapper, if any
+    model.forward = fn
+    try: return model(*args, **kwargs)
+    finally:
+        if saved is None: del model.forward
+        else: model.forward = saved
+
+# %% ../nbs/00f_launch.ipynb #c758e2b2
+def accelerate_config(kind: str = 'ddp', # 'ddp' | 'fsdp' | 'deepspeed-zero2'
+                     ) -> Path:          # the shipped Accelerate config file
+    "Path of a shipped Accelerate config for the `paper` preset (multi-GPU, one node; edit num_processes/machines)."
+    path = Path(__file__).parent / 'configs' / 'accelerate' / f'{kind}.yaml'
+    if not path.exists(): raise FileNotFoundError(f"no Accelerate config {kind!r}; shipped: "
+                                                  f"{sorted(p.stem for p in path.parent.glob('*.yaml'))}")
+    return path

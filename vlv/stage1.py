@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,11 +25,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .core import Config, atomic_write, image_grid, seeded, warmup_cosine
-from .checkpoints import latest_checkpoint, load_checkpoint, load_state, read_safetensors, save_checkpoint
+from .checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state, load_state, optimizer_state,
+                             read_safetensors, save_checkpoint)
 from .bottleneck import DiffusionDecoder, load_decoder
 from .latents import LatentDataset, cache_latents, default_cache_dir
 from .encoder import VLVEncoder, build_encoder, save_encoder
-from .launch import check_launch, deepspeed_settings, micro_batch
+from .launch import check_launch, deepspeed_settings, fsdp_settings, launch_request, micro_batch, mixed_precision
 from .preemption import Preempted, StopSignals
 from .streams import StreamResumeError, StreamState
 
@@ -40,8 +40,7 @@ __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_data
            'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
            'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
            'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
-           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
-           'accelerate_config']
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
@@ -188,7 +187,8 @@ def make_optimizer(encoder: VLVEncoder, cfg: Config, device: torch.device,
 # %% ../nbs/04_stage1.ipynb #83a08c75
 RESUMABLE_SECTIONS = ('encoder', 'stage1', 'bottleneck', 'data')
 FREE_FIELDS = {'stage1': {'gradient_checkpointing', 'unet_checkpointing', 'checkpoint_every', 'keep_checkpoints', 'log_every', 'sample_every', 'sample_images', 'log_with', 'eval_scenes',
-                          'eval_batch_size', 'eval_guidance', 'query_ablation', 'ablation_steps', 'ablation_scenes'}}
+                          'eval_batch_size', 'eval_guidance', 'query_ablation', 'ablation_steps', 'ablation_scenes'},
+               'data': {'val_path'}}   # stage 2's validation pairs
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
@@ -202,14 +202,14 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 
 def load_stage1_checkpoint(path: Path,          # a checkpoint folder
                            encoder: VLVEncoder, # loaded in place (strict: mismatched keys and shapes are named)
-                           optimizer, scheduler,
+                           optimizer, scheduler,  # optimizer None: load it after `prepare` (`load_optimizer_state`)
                            cfg: Config,         # must match the checkpoint's config (`check_resumable`)
                           ) -> dict:            # its state.json
     "Restore encoder, optimiser, scheduler and RNG states from a stage-1 checkpoint (`vlv.checkpoints`)."
     check_resumable(json.loads((path / 'state.json').read_text())['config'], cfg)
     weights, _ = read_safetensors(path / 'encoder' / 'model.safetensors')
     load_state(encoder, weights, source=str(path / 'encoder' / 'model.safetensors'))
-    return load_checkpoint(path, optimizer, scheduler)
+    return load_checkpoint(path, optimizer, scheduler, encoder)
 
 
 def save_encoder_into(encoder: VLVEncoder, state: dict | None, folder: Path) -> Path:
@@ -466,24 +466,27 @@ class Stage1Run:
     def encode_latents(self) -> bool: return self.stream is not None   # a stream: the VAE runs in the step
 
     def save_grid(self, step: int) -> None:
-        "Reconstructions of the fixed images after `step` (main process; PNG and trackers), then a barrier."
-        if self.main and self.sample_images is not None:
+        "Reconstructions of the fixed images after `step` (main process, under FSDP every process alike; PNG and trackers), then a barrier."
+        if (self.main or self.acc.distributed_type.name == 'FSDP') and self.sample_images is not None:   # FSDP: layers gathered as they run
             b = self.cfg.bottleneck
             samples = reconstruct(self.acc.unwrap_model(self.model), self.decoder, self.sample_images, b.guidance,
                                   b.sample_steps, b.sampler, seed=0)
+        if self.main and self.sample_images is not None:
             self.grids.append(save_grid(self.folder / f'recon-step{step:07d}.png', self.sample_images, samples))
             if self.acc.trackers: log_image(self.acc, 'validation/reconstructions', Image.open(self.grids[-1]), step)
         self.acc.wait_for_everyone()
 
     def save_checkpoint(self, step: int, loss: float) -> None:
-        "Checkpoint after `step`: every process gathers the state (FSDP / DeepSpeed), the main one writes."
+        "Checkpoint after `step`: every process gathers the weights and optimiser state (FSDP / DeepSpeed), the main one writes."
         s, state = self.cfg.stage1, self.acc.get_state_dict(self.model)   # a collective
+        deepspeed = self.acc.distributed_type.name == 'DEEPSPEED'   # its own optimiser (a checkpoint of it does not resume)
+        optimizer = self.optimizer if deepspeed else optimizer_state(self.acc.unwrap_model(self.model), self.optimizer)   # a collective
         if self.stream is not None:   # every process's readers, merged: the newest position of each
             stream = {'stream': StreamState().load_state_dict(gather_object([self.stream.state_dict()])).state_dict()}
         else: stream = {}
         if self.main:
             save_checkpoint(self.folder / 'checkpoints', step, partial(save_encoder_into, self.acc.unwrap_model(self.model), state),
-                            self.optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, distributed=self.acc.distributed_type.name, config=self.cfg.model_dump(mode='json'),
+                            optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, distributed=self.acc.distributed_type.name, config=self.cfg.model_dump(mode='json'),
                                                                  loss=loss, seconds=time.perf_counter() - self.t0, **stream), s.keep_checkpoints)
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
@@ -522,9 +525,8 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
                    sample_images: Tensor | None) -> Stage1Run:
     "Accelerator, frozen decoder, data (latent cache or stream), encoder, optimiser, schedule and micro-batches of a run (see `train_stage1`)."
     s = cfg.stage1
-    deepspeed = os.environ.get('ACCELERATE_USE_DEEPSPEED', 'false').lower() == 'true'   # launched with a DeepSpeed config
-    cpu = cfg.run.device == 'cpu' or not (torch.cuda.is_available() or deepspeed)   # DeepSpeed has a CPU accelerator of its own
-    precision = ('bf16' if not cpu and torch.cuda.is_available() else 'no') if s.mixed_precision == 'auto' else s.mixed_precision
+    cpu = cfg.run.device == 'cpu' or not (torch.cuda.is_available() or launch_request() == 'DeepSpeed')   # DeepSpeed has a CPU accelerator of its own
+    precision = mixed_precision(s.mixed_precision, cpu)
     folder = Path(run_dir) / 'stage1'; ckpt_dir = folder / 'checkpoints'
     trackers = tracker_names(s.log_with)
     acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=make_trackers(trackers, folder) or None, project_dir=folder)
@@ -559,15 +561,16 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
             raise ValueError(f"cannot resume {checkpoint} ({launched} -> {acc.distributed_type.name}): a DeepSpeed run's "
                              "checkpoint holds complete weights but not every rank's share of the optimizer state, so it "
                              "does not resume exactly; train with the DDP or FSDP config to resume after a stop")
-        saved = load_stage1_checkpoint(checkpoint, encoder, optimizer, scheduler, cfg); start = saved['step']
+        saved = load_stage1_checkpoint(checkpoint, encoder, None, scheduler, cfg); start = saved['step']   # the optimiser after `prepare`
         if streaming and 'stream' not in saved: raise StreamResumeError(f"{checkpoint} holds no stream position: cannot resume a stream from it")
     end = min(s.steps, stop_after) if stop_after is not None else s.steps
-    deepspeed_settings(acc, cfg)
+    deepspeed_settings(acc, cfg); fsdp_settings(acc, encoder)
     model, optimizer = acc.prepare(encoder, optimizer)   # the schedule counts optimiser steps itself (not per process)
+    if checkpoint is not None: load_optimizer_state(checkpoint, acc.unwrap_model(model), optimizer)   # each rank its shard (FSDP)
     if s.compile: model = torch.compile(model); decoder.unet = torch.compile(decoder.unet)
     features = FeatureCache() if s.cache_vision_features and not cfg.encoder.train_vision else None
     model.train()
-    sample_images = first_images(data, s.sample_images) if sample_images is None and main else sample_images   # before a resume
+    if sample_images is None and (main or acc.distributed_type.name == 'FSDP'): sample_images = first_images(data, s.sample_images)   # before a resume
     batches, stream = stage1_batches(cfg, data, world, rank, start, end, saved.get('stream'))
     if stream is not None: counters = stream_counters(stream, start * s.batch_size, gather_object)
     return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, batches, features, folder, start, end, checkpoint,
@@ -628,7 +631,9 @@ def train_stage1(cfg: Config,                              # the whole config (e
     log = StepLog(run.folder / 'log.jsonl', run.start, s.log_every, run.end, s.batch_size, main,
                   acc.log if acc.trackers else None, counters or run.counters)
     bar = tqdm(total=run.end, initial=run.start, desc='stage 1', disable=not (progress and main), dynamic_ncols=True)
-    with StopSignals() as signals:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
+    with StopSignals() as signals, contextlib.ExitStack() as ends:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
+        ends.callback(lambda: [tracker.finish() for tracker in acc.trackers])   # not `acc.end_training()`: it would end the process group too
+        ends.callback(bar.close)
         for step in range(run.start, run.end):
             def stop(loss: float, norm: float | None, step: int = step):
                 where = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint else "no checkpoint was written yet"
@@ -647,23 +652,11 @@ def train_stage1(cfg: Config,                              # the whole config (e
             log.add(history[-1], last=preempted)
             if main: bar.update(1); bar.set_postfix(loss=f'{mean_loss:.4f}', lr=f"{history[-1]['lr']:.2e}")
             if done % s.checkpoint_every == 0 or done == run.end or preempted: run.save_checkpoint(done, mean_loss)
-            if preempted:
-                bar.close()
-                for tracker in acc.trackers: tracker.finish()
-                raise Preempted(signals.name, done, run.checkpoint)
+            if preempted: raise Preempted(signals.name, done, run.checkpoint)
             if done % s.sample_every == 0 or done == s.steps: run.save_grid(done)
-    bar.close()
     seconds, encoder = time.perf_counter() - run.t0, acc.unwrap_model(run.model)
-    if main and run.end == s.steps: save_encoder(encoder, run.folder / 'encoder')
-    for tracker in acc.trackers: tracker.finish()   # not `acc.end_training()`: it would end the process group too
+    if run.end == s.steps:   # the whole weights, gathered by every process under FSDP
+        state = acc.get_state_dict(run.model)
+        if main: save_encoder(encoder, run.folder / 'encoder', state)
     acc.wait_for_everyone()
     return Stage1Result(encoder, history, run.folder, run.checkpoint, seconds, run.grids)
-
-# %% ../nbs/04_stage1.ipynb #85a66ef1
-def accelerate_config(kind: str = 'ddp', # 'ddp' | 'fsdp' | 'deepspeed-zero2'
-                     ) -> Path:          # the shipped Accelerate config file
-    "Path of a shipped Accelerate config for the `paper` preset (multi-GPU, one node; edit num_processes/machines)."
-    path = Path(__file__).parent / 'configs' / 'accelerate' / f'{kind}.yaml'
-    if not path.exists(): raise FileNotFoundError(f"no Accelerate config {kind!r}; shipped: "
-                                                  f"{sorted(p.stem for p in path.parent.glob('*.yaml'))}")
-    return path

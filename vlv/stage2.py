@@ -22,20 +22,22 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import Config, autocast_dtype, warmup_cosine
-from .checkpoints import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, save_trainable
+from .core import Config, atomic_write, autocast_dtype, warmup_cosine
+from .checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state, load_trainable, optimizer_state,
+                             save_checkpoint, save_trainable)
 from .tokenizers import caption_ids
-from .decode import Stage2Model, make_batch
+from .decode import Stage2Model, hf_generate, make_batch
 from .preemption import Preempted, StopSignals
 from .streams import StreamState
-from .launch import check_launch, micro_batch
+from .launch import as_forward, check_launch, fsdp_settings, micro_batch, mixed_precision, whole_weights
 from .stage1 import (StepLog, flat_config, make_trackers, micro_seeds, stream_batches, stream_counters,
                         tracker_names)
 
 # %% auto #0
 __all__ = ['FREE_DECODE_FIELDS', 'captioned_indices', 'conditioning_cache', 'scored_tokens', 'DrawnBatches', 'collate_pairs',
-           'StreamPairs', 'stage2_settings', 'check_settings', 'save_trainable_into', 'Stage2Run', 'stage2_data',
-           'prepare_stage2', 'stage2_step', 'train_stage2']
+           'StreamPairs', 'stage2_settings', 'check_settings', 'save_trainable_into', 'validation_pairs',
+           'stage2_validation', 'synced_generate', 'log_captions', 'Stage2Run', 'stage2_data', 'prepare_stage2',
+           'stage2_step', 'train_stage2']
 
 # %% ../nbs/05c_stage2.ipynb #6e2c5887
 def captioned_indices(dataset) -> np.ndarray:
@@ -51,14 +53,20 @@ def conditioning_cache(model: Stage2Model,     # its (frozen) encoder and bottle
                        dataset,                # as for `make_batch`
                        indices: Sequence[int], # items to encode
                        batch_size: int = 100,  # items per encoder call
+                       rank: int = 0,          # this process: it encodes batches rank, rank + world, ...
+                       world: int = 1,         # all processes
+                       gather: Callable[[list], list] = lambda x: x, # every process's list, concatenated (a collective)
                       ) -> Tensor:             # c [len(indices), N, D_text], fp32, on the model's device
-    "The conditioning of `indices`, computed once: with a frozen encoder it never changes during stage 2."
-    device, parts = model.caption_decoder.device, []
-    for i in range(0, len(indices), batch_size):
+    "The conditioning of `indices`, computed once (each process its share of the batches): with a frozen encoder it never changes during stage 2."
+    device, parts, starts = model.caption_decoder.device, {}, range(0, len(indices), batch_size)
+    for b, i in enumerate(starts):
+        if b % world != rank: continue
         inputs = make_batch(dataset, indices[i:i + batch_size], [model.input_key])[model.input_key]
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == 'cuda'):
-            parts.append(model.conditioning(inputs.to(device) if torch.is_tensor(inputs) else inputs).float())
-    return torch.cat(parts)
+            c = model.conditioning(inputs.to(device) if torch.is_tensor(inputs) else inputs).float()
+        parts[b] = c.cpu() if world > 1 else c
+    if world > 1: parts = {b: c for share in gather([parts]) for b, c in share.items()}
+    return torch.cat([parts[b].to(device) for b in range(len(starts))])
 
 # %% ../nbs/05c_stage2.ipynb #676adc3f
 def scored_tokens(tokenizer, captions: Sequence[str]) -> int:
@@ -122,7 +130,7 @@ class StreamPairs:
 
 # %% ../nbs/05c_stage2.ipynb #4b241388
 FREE_DECODE_FIELDS = ('eval_scenes', 'eval_batch_size', 'max_new_tokens', 'num_beams', 'checkpoint_every',   # decode fields a
-                      'cache_conditioning', 'gradient_checkpointing', 'log_every', 'log_with')             # resumed run may change
+                      'cache_conditioning', 'gradient_checkpointing', 'log_every', 'log_with', 'logit_chunk')             # resumed run may change
 
 
 def stage2_settings(model: Stage2Model, cfg: Config) -> dict:
@@ -139,9 +147,56 @@ def check_settings(checkpoint: Path, saved: dict, settings: dict) -> None:
                      "use another run folder, or resume=False to start over")
 
 
-def save_trainable_into(model: nn.Module, folder: Path) -> Path:
-    "The model part of a stage-2 checkpoint: the parameters being trained."
-    return save_trainable(model, folder / 'weights.safetensors')
+def save_trainable_into(model: nn.Module, folder: Path, state: dict | None = None) -> Path:
+    "The model part of a stage-2 checkpoint: the parameters being trained (`state`: the whole weights, gathered under FSDP)."
+    return save_trainable(model, folder / 'weights.safetensors', state)
+
+# %% ../nbs/05c_stage2.ipynb #f3721973
+def validation_pairs(data,          # the training pairs (map-style or a stream)
+                     val_data,      # held-out pairs (`data.val_path`), or None: the first of a map-style `data`
+                     n: int,        # how many (decode.val_images)
+                     input_key: str, # the encoder's input field
+                    ) -> tuple[Any, list[str]]: # (encoder inputs, reference captions)
+    "The fixed validation inputs and their references: the first `n` captioned pairs of `val_data`, else of a map-style `data`."
+    source = val_data if val_data is not None else data
+    if isinstance(source, torch.utils.data.IterableDataset):
+        if val_data is None: raise ValueError("decode.val_every on a stream needs held-out pairs: set data.val_path (read like data.path)")
+        if hasattr(source, 'require_caption'): source.require_caption = True
+        items = [item for _, item in zip(range(n), iter(source))]
+        return torch.stack([it['image'] for it in items]), [it['caption'] for it in items]
+    batch = make_batch(source, captioned_indices(source)[:n], [input_key, 'caption'])
+    return batch[input_key], batch['caption']
+
+
+def stage2_validation(acc: Accelerator, cfg: Config, model: Stage2Model, data, val_data, folder: Path, start: int,
+                     ) -> tuple[tuple | None, int]: # (validation inputs and references or None, items held out of `data`)
+    "The validation pairs of a run (decode.val_every) and how many of `data` they take; `val_captions.jsonl` cut back to `start`."
+    d = cfg.decode
+    if not d.val_every: return None, 0
+    validation = validation_pairs(data, val_data, d.val_images, model.input_key)   # a stream without val_data: an error
+    holdout = 0 if val_data is not None else len(validation[1])
+    if acc.is_main_process and (path := folder / 'val_captions.jsonl').exists():   # a resumed run: the lines up to its start
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= start]
+        with atomic_write(path, 'w') as f: f.write(''.join(l + '\n' for l in lines))
+    return validation, holdout
+
+
+def synced_generate(lm: nn.Module, *args, **kwargs):
+    "`hf_generate` with every process stepping until all are done (`synced_gpus`): under FSDP each step gathers the layers on all."
+    lm.generate = partial(type(lm).generate, lm, synced_gpus=True)
+    try: return hf_generate(lm, *args, **kwargs)
+    finally: del lm.generate
+
+
+def log_captions(acc: Accelerator, name: str, rows: list[dict], step: int) -> None:
+    "Validation captions {'reference', 'caption'} to the trackers that take text: a Markdown table (TensorBoard), a table (W&B)."
+    cell = lambda text: text.replace('|', '\\|').replace('\n', ' ')
+    for tracker in acc.trackers if acc.is_main_process else []:
+        if tracker.name == 'tensorboard':
+            table = '| reference | caption |\n|---|---|\n' + ''.join(f"| {cell(r['reference'])} | {cell(r['caption'])} |\n" for r in rows)
+            tracker.tracker.add_text(name, table, step); tracker.tracker.flush()
+        elif tracker.name == 'wandb':
+            tracker.log_table(name, columns=['reference', 'caption'], data=[[r['reference'], r['caption']] for r in rows], step=step)
 
 # %% ../nbs/05c_stage2.ipynb #ba37e163
 @dataclass
@@ -161,25 +216,45 @@ class Stage2Run:
     counters: Callable[[], dict] | None = None # the data counters (logged with the loss)
     stream: StreamState | None = None      # a stream's reader positions as the loop used them (None: map-style)
     checkpoint: Path | None = None         # the latest checkpoint
+    validation: tuple | None = None        # (encoder inputs, reference captions) of the validation captions, or None
     t0: float = field(default_factory=time.perf_counter)
 
     @property
     def unwrapped(self) -> Stage2Model: return self.acc.unwrap_model(self.model)
 
+    def validate(self, step: int) -> None:
+        "Greedy captions of the validation inputs after `step` next to their references (main process; the others wait, or under FSDP run alike)."
+        if self.validation is None: return
+        sharded = self.acc.distributed_type.name == 'FSDP'   # every process takes part: each layer is gathered as it runs
+        if self.acc.is_main_process or sharded:
+            (inputs, references), model = self.validation, self.unwrapped.eval()
+            inputs = inputs.to(self.acc.device) if torch.is_tensor(inputs) else inputs
+            caption = partial(model.caption, max_new_tokens=self.cfg.decode.max_new_tokens, generate_fn=synced_generate if sharded else hf_generate)
+            with torch.no_grad(), self.acc.autocast(): captions = as_forward(self.model, caption, inputs) if sharded else caption(inputs)
+            model.train()
+        if self.acc.is_main_process:
+            rows = [dict(reference=r, caption=c) for r, c in zip(references, captions.texts)]
+            with open(self.folder / 'val_captions.jsonl', 'a') as f: f.write(json.dumps(dict(step=step, captions=rows)) + '\n')
+            log_captions(self.acc, 'validation/captions', rows, step)
+        self.acc.wait_for_everyone()
+
     def save_checkpoint(self, step: int) -> None:
         "Checkpoint after `step`: the trained parameters, optimiser, RNG, history and (a stream) every reader's position."
-        stream = {}
+        weights = self.acc.get_state_dict(self.model) if self.acc.distributed_type.name == 'FSDP' else None   # collectives:
+        optimizer, stream = optimizer_state(self.unwrapped, self.optimizer), {}                                 # every process
         if self.stream is not None:   # a collective: every process's readers, merged
             stream = {'stream': StreamState().load_state_dict(gather_object([self.stream.state_dict()])).state_dict()}
         if self.acc.is_main_process:
-            save_checkpoint(self.folder / 'checkpoints', step, partial(save_trainable_into, self.unwrapped), self.optimizer, None,
+            save_checkpoint(self.folder / 'checkpoints', step, partial(save_trainable_into, self.unwrapped, state=weights), optimizer, None,
                             dict(history=self.history, settings=self.settings, **stream))
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
 
 # %% ../nbs/05c_stage2.ipynb #2d9f6130
 def stage2_data(run_cfg: Config, model: Stage2Model, data, world: int, rank: int, start: int, end: int, saved: dict,
-                caption_transform, main: bool) -> tuple[DrawnBatches | StreamPairs, Callable[[], dict], StreamState | None]:
+                caption_transform, main: bool,
+                holdout: int = 0, # the first captioned items, validation pairs: left out of training
+               ) -> tuple[DrawnBatches | StreamPairs, Callable[[], dict], StreamState | None]:
     "This process's batches from step `start` on, the data counters, and a stream's positions (None: map-style)."
     d = run_cfg.decode
     if isinstance(data, torch.utils.data.IterableDataset):   # a stream: items without a caption are dropped and counted
@@ -188,31 +263,33 @@ def stage2_data(run_cfg: Config, model: Stage2Model, data, world: int, rank: int
                                 run_cfg.run.num_workers, collate_pairs)
         pairs = StreamPairs(loader, run_cfg, model.input_key, world, rank, caption_transform)
         return pairs, stream_counters(loader, start * d.batch_size, gather_object), loader.state
-    indices = captioned_indices(data)
+    indices = captioned_indices(data)[holdout:]
+    if len(indices) == 0: raise ValueError(f"all {holdout} captioned items are validation pairs (decode.val_images): none left to train on")
     if caption_transform is not None and start < end:
         sample = make_batch(data, indices[:64], ['caption'])['caption']
         if main and all(caption_transform(text, np.random.default_rng(0)) == text for text in sample):
             warnings.warn("the caption transform changes none of the first "
                           f"{len(sample)} captions (not captions of its world?): training on them as they are", stacklevel=3)
-    cache = conditioning_cache(model, data, indices, d.eval_batch_size) \
+    cache = conditioning_cache(model, data, indices, d.eval_batch_size, rank, world, gather_object) \
         if d.cache_conditioning and 'encoder' not in d.train and start < end else None
-    counts = {'captioned': len(indices), 'no_caption': len(data) - len(indices)}
+    counts = {'captioned': len(indices), 'no_caption': len(data) - len(indices) - holdout} | ({'validation': holdout} if holdout else {})
     return DrawnBatches(data, indices, run_cfg, model.input_key, world, rank, cache, caption_transform), lambda: counts, None
 
 # %% ../nbs/05c_stage2.ipynb #87902bea
 def prepare_stage2(model: Stage2Model, data, cfg: Config, out_dir: str | Path, resume: bool, stop_after: int | None,
-                   caption_transform) -> Stage2Run:
+                   caption_transform, val_data=None) -> Stage2Run:
     "Accelerator, trainable parts, optimiser, resumed state and this process's batches of a stage-2 run (see `train_stage2`)."
     d, folder = cfg.decode, Path(out_dir)
     cpu = cfg.run.device == 'cpu' or not torch.cuda.is_available()
-    precision = ('bf16' if not cpu else 'no') if d.mixed_precision == 'auto' else d.mixed_precision
     trackers = tracker_names(d.log_with, 'decode.log_with')
-    acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=make_trackers(trackers, folder) or None, project_dir=folder)
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(d.mixed_precision, cpu), log_with=make_trackers(trackers, folder) or None,
+                      project_dir=folder)
     check_launch(acc)   # an FSDP / DeepSpeed config Accelerate could not apply: an error, as in stage 1
-    if acc.distributed_type.name in ('FSDP', 'DEEPSPEED'):
-        raise ValueError(f"stage 2 runs under DDP (or one process) so far, not {acc.distributed_type.name}: use the ddp config")
+    if acc.distributed_type.name == 'DEEPSPEED':
+        raise ValueError("stage 2 runs in one process, under DDP or under FSDP, not DeepSpeed: use the ddp or fsdp config")
     micro_batch(d.batch_size, d.grad_accum, acc.num_processes)   # divides, or a clear error before any work
     model = model.to(acc.device)
+    model.caption_decoder.logit_chunk = d.logit_chunk
     groups = model.set_trainable(d.train, lr=d.lr, psi_lr=d.psi_lr, encoder_lr=d.encoder_lr)
     for g in groups: g['initial_lr'] = g['lr']
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=d.weight_decay, fused=acc.device.type == 'cuda' or None)
@@ -224,7 +301,7 @@ def prepare_stage2(model: Stage2Model, data, cfg: Config, out_dir: str | Path, r
     checkpoint = latest_checkpoint(folder / 'checkpoints') if resume else None
     if checkpoint is not None:
         load_trainable(model, checkpoint / 'weights.safetensors')
-        saved = load_checkpoint(checkpoint, optimizer)
+        saved = load_checkpoint(checkpoint)   # the optimiser's state after `prepare` (each rank its shard under FSDP)
         check_settings(checkpoint, saved['settings'], settings)
         history, start = saved['history'], saved['step']
         if isinstance(data, torch.utils.data.IterableDataset) and 'stream' not in saved:
@@ -232,12 +309,16 @@ def prepare_stage2(model: Stage2Model, data, cfg: Config, out_dir: str | Path, r
     end = min(d.steps, stop_after) if stop_after is not None else d.steps
     if acc.is_main_process: folder.mkdir(parents=True, exist_ok=True)
     if trackers: acc.init_trackers('vlv-stage2', config=flat_config(cfg))
+    validation, holdout = stage2_validation(acc, cfg, model, data, val_data, folder, start)
     batches, counters, stream = stage2_data(cfg, model, data, acc.num_processes, acc.process_index, start, end, saved,
-                                            caption_transform, acc.is_main_process)
+                                            caption_transform, acc.is_main_process, holdout)
     model.train()
+    fsdp_settings(acc, model, [model.bottleneck])   # FSDP: Qwen2 / Florence-2 layers as units; the frozen decoder whole everywhere
     prepared, optimizer = acc.prepare(model, optimizer)
-    params = [p for g in groups for p in g['params']]
-    return Stage2Run(cfg, acc, prepared, optimizer, params, batches, folder, settings, history, start, end, counters, stream, checkpoint)
+    if checkpoint is not None: load_optimizer_state(checkpoint, acc.unwrap_model(prepared), optimizer)
+    params = [p for g in optimizer.param_groups for p in g['params']]   # FSDP swapped them for their shards
+    return Stage2Run(cfg, acc, prepared, optimizer, params, batches, folder, settings, history, start, end, counters, stream,
+                     checkpoint, validation)
 
 # %% ../nbs/05c_stage2.ipynb #43b6db43
 def stage2_step(acc: Accelerator,                  # or anything with its device, num_processes, no_sync, backward, reduce, clip_grad_norm_
@@ -280,16 +361,19 @@ def train_stage2(model: Stage2Model,      # the captioner (moved to the accelera
                  progress: bool = True,   # show a progress bar (main process)
                  caption_transform: Callable[[str, np.random.Generator], str] | None = None, # rewrites each caption at each use
                  step_hook: Callable[[int], None] | None = None, # called with the step before it runs (fault-injection tests)
+                 val_data=None,           # held-out (image, caption) pairs for the validation captions (`data.val_path`); None: see `validation_pairs`
                 ) -> list[dict]:          # history: step, loss, lr, seconds, grad_norm, tokens
     "Stage-2 training on Accelerate (1 or more processes) with checkpoint / resume; on SIGTERM / SIGUSR1 checkpoint and raise `Preempted`."
-    run = prepare_stage2(model, dataset, cfg, out_dir, resume, stop_after, caption_transform)
+    run = prepare_stage2(model, dataset, cfg, out_dir, resume, stop_after, caption_transform, val_data)
     d, acc, main = cfg.decode, run.acc, run.acc.is_main_process
     log = StepLog(run.folder / 'log.jsonl', run.start, d.log_every, run.end, d.batch_size, main,
                   acc.log if acc.trackers else None, run.counters)
     tokenizer, history = run.unwrapped.caption_decoder.tokenizer, run.history
     t0 = time.time() - (history[-1]['seconds'] if history else 0.0)
     bar = tqdm(range(run.start, run.end), desc=f'stage 2 ({d.train})', disable=not (progress and main), initial=run.start, total=d.steps)
-    with StopSignals() as signals:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
+    with StopSignals() as signals, contextlib.ExitStack() as ends:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
+        ends.callback(lambda: [tracker.finish() for tracker in acc.trackers])
+        ends.callback(bar.close)
         for step in bar:
             scale = warmup_cosine(step, d.steps, d.warmup_steps)
             for g in run.optimizer.param_groups: g['lr'] = g['initial_lr'] * scale
@@ -304,12 +388,10 @@ def train_stage2(model: Stage2Model,      # the captioner (moved to the accelera
             log.add(history[-1] | dict(step=done), last=preempted)
             bar.set_postfix(loss=f'{loss:.4f}')
             if done % d.checkpoint_every == 0 or done in (d.steps, run.end) or preempted: run.save_checkpoint(done)
-            if preempted:
-                bar.close()
-                for tracker in acc.trackers: tracker.finish()
-                raise Preempted(signals.name, done, run.checkpoint)
-    bar.close()
-    for tracker in acc.trackers: tracker.finish()
+            if preempted: raise Preempted(signals.name, done, run.checkpoint)
+            if d.val_every and done % d.val_every == 0: run.validate(done)
     run.unwrapped.eval()
+    if acc.distributed_type.name == 'FSDP':   # the caller's model gets the whole trained weights (main process: to save them)
+        whole_weights(run.model, acc.get_state_dict(run.model))
     acc.wait_for_everyone()
     return history

@@ -26,7 +26,7 @@ examples:
 
 On SIGTERM or SIGUSR1 (SLURM preemption, --signal) the run finishes its step, writes a checkpoint and exits with
 status 75; the same command plus --resume (or --auto-resume) continues it exactly.
-  accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
+  accelerate launch --config_file $(python -c 'import vlv.launch as l; print(l.accelerate_config("ddp"))') \\
       -m vlv.cli stage1 --preset paper --run-dir runs/paper
 """
 
@@ -89,8 +89,10 @@ STAGE2_EPILOG = """\
 examples:
   vlv stage1 --preset mini --run-dir runs/mini && vlv stage2 --preset mini --run-dir runs/mini
   vlv stage2 --preset paper --run-dir runs/paper --auto-resume -o decode.grad_accum=4 decode.gradient_checkpointing=true
-  accelerate launch --config_file $(python -c 'import vlv.stage1 as s; print(s.accelerate_config("ddp"))') \\
-      -m vlv.cli stage2 --preset paper --run-dir runs/paper
+  accelerate launch --config_file $(python -c 'import vlv.launch as l; print(l.accelerate_config("ddp"))') \\
+      -m vlv.cli stage2 --preset paper --run-dir runs/paper                # DDP: LMs that fit one GPU
+  accelerate launch --config_file $(python -c 'import vlv.launch as l; print(l.accelerate_config("fsdp"))') \\
+      -m vlv.cli stage2 --preset paper --run-dir runs/paper -o decode.grad_accum=2   # FSDP2: the 3B LM sharded
 
 It needs the stage-1 encoder in RUN_DIR/stage1/encoder. Stop signals work as for vlv stage1 (exit 75, then --resume).
 """
@@ -121,8 +123,10 @@ def stage2_command(args: argparse.Namespace) -> int:
         lm, tokenizer = load_lm(cfg.decode, seed=cfg.run.seed, tokenizer=caption_tokenizer(cfg))
         model = Stage2Model(load_encoder(encoder, cfg.encoder), bottleneck,
                             CaptionDecoder(lm, tokenizer, bottleneck.text_width, cfg.decode.psi_hidden, seed=cfg.run.seed))
-        history = train_stage2(model, caption_pairs(cfg), cfg, folder, resume=resume, stop_after=args.stop_after,
-                               progress=args.progress, caption_transform=caption_transform(cfg))
+        held_out = cfg.model_copy(update={'data': cfg.data.model_copy(update={'path': cfg.data.val_path})})   # validation pairs
+        history = train_stage2(model, caption_pairs(cfg), cfg, folder, resume=resume, stop_after=args.stop_after, progress=args.progress,
+                               caption_transform=caption_transform(cfg),
+                               val_data=caption_pairs(held_out) if cfg.data.val_path and cfg.decode.val_every else None)
         main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if len(history) == cfg.decode.steps and main: save_vlv(model, cfg, Path(run_dir) / 'model')
         return history and (f"{len(history)} steps, final loss {history[-1]['loss']:.4f}; checkpoints {folder / 'checkpoints'}; "
