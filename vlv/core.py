@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -270,15 +270,9 @@ class ExperimentsConfig(Section):
     "The paper's experiments on the toy world (nbs/06_eval): short stage-2 runs compared at equal budgets."
     study_steps: int = Field(300, ge=1)                    # stage-2 steps of every study run (the main run: decode.steps)
     study_scenes: int = Field(200, ge=1)                   # held-in / held-out test scenes captioned per study run
-    caption_budget: tuple[float, ...] = (0.01, 0.1, 1.0)   # caption fractions of the budget curve
+    caption_budget: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.01, 0.1, 1.0), min_length=1)  # caption fractions of the budget curve
     supervised_lr: float = Field(5e-4, gt=0)               # encoder learning rate of the supervised captioner (random init)
     workers: int = Field(2, ge=1)                          # study runs in parallel processes (one torch thread each)
-
-    @model_validator(mode='after')
-    def _fractions(self):
-        if not self.caption_budget or any(not 0 < f <= 1 for f in self.caption_budget):
-            raise ValueError(f"caption_budget must list fractions in (0, 1], got {self.caption_budget}")
-        return self
 
 
 class EvalConfig(Section):
