@@ -210,6 +210,7 @@ class EncoderConfig(Section):
     max_positions: int = Field(128, ge=8)                  # BART position embeddings (image tokens + prompt; queries)
     init_std: float = Field(0.02, gt=0)                    # normal init std of BART and DaViT weights (random init only)
     position_init_std: float | None = None                 # re-init the position tables (image rows/cols, BART) with this std
+    cross_attention_gain: float = Field(1.0, gt=0)         # scale the BART decoder's cross-attention q/k projections at build (queries readout from scratch; 02)
     train_vision: bool = False                             # train the DaViT vision tower (paper: frozen)
     train_image_projector: bool = True                     # train Florence's image projection + its position embeddings
     train_language: bool = True                            # train the BART encoder-decoder (paper: yes)

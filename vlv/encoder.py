@@ -22,7 +22,8 @@ from .tokenizers import prompt_tokenizer
 from .hub import hub_errors, pretrained_source
 
 # %% auto #0
-__all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'build_encoder', 'save_encoder', 'load_encoder']
+__all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention', 'build_encoder',
+           'save_encoder', 'load_encoder']
 
 # %% ../nbs/02_encoder.ipynb #ff9651cf
 def florence_config(cfg: EncoderConfig, # sizes of the random-init model
@@ -181,6 +182,17 @@ def reinit_positions(florence: Florence2ForConditionalGeneration, # model whose 
             table.weight.normal_(0.0, std)
 
 
+def sharpen_cross_attention(florence: Florence2ForConditionalGeneration, # model whose BART decoder reads the encoder's tokens
+                            gain: float,                                 # factor on the query and key projections
+                           ) -> None:
+    "Scale the BART decoder's cross-attention query and key projections by `gain`: its attention logits by gain**2."
+    with torch.no_grad():
+        for layer in florence.model.language_model.decoder.layers:
+            for proj in (layer.encoder_attn.q_proj, layer.encoder_attn.k_proj):
+                proj.weight.mul_(gain)
+                if proj.bias is not None: proj.bias.mul_(gain)
+
+
 def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
                   text_width: int,          # the diffusion decoder's text-encoder width (cfg.bottleneck.text_width)
                   seed: int = 0,            # seeds the random initialisation (queries, phi, random-init Florence-2)
@@ -204,6 +216,7 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
             fc._attn_implementation = cfg.attn_implementation
             florence = Florence2ForConditionalGeneration(fc)
         if cfg.position_init_std is not None: reinit_positions(florence, cfg.position_init_std)
+        if cfg.cross_attention_gain != 1: sharpen_cross_attention(florence, cfg.cross_attention_gain)
         return VLVEncoder(florence, prompt_ids, text_width, cfg)
 
 # %% ../nbs/02_encoder.ipynb #268bc3db
