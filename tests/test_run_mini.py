@@ -21,7 +21,7 @@ def test_mini_run_goes_through_every_notebook(repo, tmp_path, run_process):
     run = runs / 'mini'
     manifest = json.loads((run / 'manifest.json').read_text())
     expected = sorted(p.name for p in (repo / 'nbs').glob('*.ipynb') if re.match(r'[0-8]\d[a-z]?_', p.name))
-    assert sorted(manifest['notebooks']) == expected and expected[-1] == '06c_report.ipynb'
+    assert sorted(manifest['notebooks']) == expected and expected[-1] == '06d_real_eval.ipynb'
     assert {n: r['status'] for n, r in manifest['notebooks'].items()} == dict.fromkeys(expected, 'ok')
     assert (manifest['preset'], manifest['status']) == ('mini', 'ok')
     assert (tmp_path / 'miniature' / 'florence-2' / 'config.json').exists()   # written where VLV_MINIATURE points
@@ -45,7 +45,12 @@ def test_mini_run_goes_through_every_notebook(repo, tmp_path, run_process):
     real = metrics['eval']['real']
     assert real['n_images'] == 8 and 0 <= real['caption_metrics']['BLEU-4'] <= 1 and len(real['captions']) == 8
     assert not {'round_trip', 'composition', 'main', 'table1_oracle_fid'} & set(metrics['eval'])
-    assert list(metrics['summary']) == ["captions of the source's first 8 images, against their references"]
+    summary = list(metrics['summary'])
+    assert summary[0] == "captions of the source's first 8 images, against their references" and len(summary) == 3
+    assert summary[1].startswith('held-out images') and summary[2].startswith('Table 1')   # 06's at-scale section (06d)
+    at_scale = json.loads((run / 'real_eval_metrics.json').read_text())
+    assert at_scale['heldout']['fid'] >= 0 and at_scale['heldout']['n_images'] > 0
+    assert set(at_scale['table1']['rows']) == {'VLV', 'COCO captions'} and all(r['fid'] >= 0 for r in at_scale['table1']['rows'].values())
     assert (run / 'report.md').exists() and json.loads((run / 'figures.json').read_text())
     printed = lambda nb: ''.join(t for c in json.loads((run / f'{nb}.ipynb').read_text())['cells']
                                  for o in c.get('outputs', []) for t in o.get('text', []))
