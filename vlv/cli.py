@@ -624,6 +624,8 @@ COMMANDS: dict[str, Command] = {
                            'vlv.real_eval:COCO_SUBSET_EPILOG'),
     'table1': Command("the paper's Table 1: captions -> SD 3.5 Medium -> FID against the COCO images (resumable)",
                       'vlv.real_eval:add_table1_arguments', 'vlv.real_eval:table1_command', 'vlv.real_eval:TABLE1_EPILOG'),
+    'seeds': Command("run the pipeline once per seed (comparisons on) and report every number as mean ± std",
+                     'vlv.seeds:add_seeds_arguments', 'vlv.seeds:seeds_command', 'vlv.seeds:SEEDS_EPILOG'),
     'readme': Command("copy a run's results table and a figure into README.md (between the results markers)",
                       'vlv.report:add_readme_arguments', 'vlv.report:readme_command', 'vlv.report:README_EPILOG'),
     'bench': Command("time stage 1, captioning and reconstruction: the reference configuration vs ours",

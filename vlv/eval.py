@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .core import (CommandError, Config, check_new, check_positive, get_config, get_device, one_line, positive_int,
                       save_json)
-from .data import ALL_COMBOS, SIZES, Scene, attribute_accuracy, make_splits, parse_caption, parse_images, score
+from .data import ALL_COMBOS, CELLS, SIZES, Scene, attribute_accuracy, make_splits, parse_caption, parse_images, score
 from .sources import batches, find_images, image_source, warnings_as_lines
 from .bottleneck import DiffusionDecoder, sampling_precision
 from .encoder import VLVEncoder
@@ -35,8 +35,8 @@ from .metrics import (SD35_MEDIUM, TinyFeatures, caption_metrics, load_pipeline,
 # %% auto #0
 __all__ = ['MATCH_KEYS', 'ORACLE_FEATURES', 'FEATURES', 'EVAL_EPILOG', 'eval_sets', 'evaluate_encoder', 'teacher_caption_scores',
            'caption_scores', 'caption_oracle_scores', 'round_trip_scores', 'round_trip_table', 'composition_pairs',
-           'compose_embeddings', 'objects_present', 'composition_scores', 'OracleFeatures', 'feature_extractor_for',
-           'eval_files', 'add_eval_arguments', 'eval_command']
+           'compose_embeddings', 'objects_present', 'decode_embeddings', 'composition_scores', 'query_swap_scores',
+           'OracleFeatures', 'feature_extractor_for', 'eval_files', 'add_eval_arguments', 'eval_command']
 
 # %% ../nbs/06_eval.ipynb #8d8f6247
 def eval_sets(cfg: Config, n: int) -> dict[str, tuple[Tensor, list[Scene], list[str]]]:
@@ -171,14 +171,15 @@ def composition_pairs(scenes: Sequence[Scene], # scenes to pair up
 def compose_embeddings(z_a: Tensor,  # caption embeddings of scene A [B, N, D]
                        z_b: Tensor,  # of scene B [B, N, D]
                        k: int | Sequence[int] | Tensor | None = None, # vectors taken from A (per row, or one for all); None -> N // 2
-                      ) -> Tensor:   # [B, N, D]: z_a[:, :k] then z_b[:, :N - k]
-    "Truncate and concatenate two caption embeddings (paper Fig. 6): the first k vectors of A, then the first N - k of B."
+                       aligned: bool = False, # False: the paper's cut (B's first N - k vectors follow A's); True: B's vectors keep their slots (z_b[:, k:])
+                      ) -> Tensor:   # [B, N, D]: z_a[:, :k] then z_b[:, :N - k] (aligned: z_b[:, k:])
+    "Truncate and concatenate two caption embeddings (paper Fig. 6): the first k vectors of A, then the first N - k of B (or B's last N - k)."
     if z_a.shape != z_b.shape or z_a.ndim != 3: raise ValueError(f"z_a and z_b must both be [B, N, D], got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
     n = z_a.shape[1]
     ks = [n // 2] * len(z_a) if k is None else [int(k)] * len(z_a) if isinstance(k, int) else [int(x) for x in k]
     if len(ks) != len(z_a): raise ValueError(f"k has {len(ks)} entries for a batch of {len(z_a)}")
     if bad := [x for x in ks if not 0 <= x <= n]: raise ValueError(f"k must lie in 0..{n}, got {bad[0]}")
-    return torch.stack([torch.cat([a[:x], b_[:n - x]]) for a, b_, x in zip(z_a, z_b, ks)])
+    return torch.stack([torch.cat([a[:x], b_[x:] if aligned else b_[:n - x]]) for a, b_, x in zip(z_a, z_b, ks)])
 
 # %% ../nbs/06_eval.ipynb #8ed0c91e
 def objects_present(source: Scene,                   # a scene whose objects are looked for
@@ -191,11 +192,29 @@ def objects_present(source: Scene,                   # a scene whose objects are
 
 # %% ../nbs/06_eval.ipynb #500d4b86
 @torch.no_grad()
+def decode_embeddings(z: Tensor,                 # caption embeddings [B, N, D]
+                      decoder: DiffusionDecoder, # the frozen decoder: z -> text encoder -> UNet -> image
+                      guidance: float = 2.0, steps: int = 50, sampler: str = 'ddim',
+                      batch_size: int = 100,     # images per sampling call
+                      seed: int = 0,             # batch i uses seed + i
+                      progress: bool = False,
+                     ) -> Tensor:                # images [B, 3, H, W] on the CPU
+    "Draw the images of caption embeddings with the frozen decoder, batch by batch."
+    z, images = z.to(decoder.device), []
+    for i in tqdm(range(0, len(z), batch_size), desc='decoding', disable=not progress):
+        images.append(decoder.sample(decoder.encode_embeddings(z[i:i + batch_size]), guidance=guidance, steps=steps,
+                                     sampler=sampler, seed=seed + i).cpu())
+    return torch.cat(images)
+
+
+#| export
+@torch.no_grad()
 def composition_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, N, D] of scenes A and B (a VLV encoder's z)
                        scenes_a: Sequence[Scene],      # the true scenes A
                        scenes_b: Sequence[Scene],      # the true scenes B
                        decoder: DiffusionDecoder,      # the frozen decoder: z -> text encoder -> UNet -> image
                        k: int | Sequence[int] | None = None, # vectors of A kept; None -> N // 2
+                       aligned: bool = False,          # B's vectors keep their slots (`compose_embeddings`)
                        keys: Sequence[str] = MATCH_KEYS, # what must agree for an object to count as shown
                        guidance: float = 2.0,          # CFG scale
                        steps: int = 50,                # sampler steps
@@ -206,12 +225,7 @@ def composition_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, 
                       ) -> tuple[dict, Tensor]:        # metrics (see above), decoded images [B, 3, H, W]
     "The toy Fig. 6: decode truncated-and-concatenated caption embeddings and count each source scene's objects in the result."
     if not len(scenes_a) == len(scenes_b) == len(z_a): raise ValueError(f"{len(z_a)} embeddings but {len(scenes_a)} and {len(scenes_b)} scenes")
-    z = compose_embeddings(z_a, z_b, k).to(decoder.device)
-    images = []
-    for i in tqdm(range(0, len(z), batch_size), desc='composing', disable=not progress):
-        c = decoder.encode_embeddings(z[i:i + batch_size])
-        images.append(decoder.sample(c, guidance=guidance, steps=steps, sampler=sampler, seed=seed + i).cpu())
-    images = torch.cat(images)
+    images = decode_embeddings(compose_embeddings(z_a, z_b, k, aligned), decoder, guidance, steps, sampler, batch_size, seed, progress)
     decoded = parse_images(images)
     hits_a = [objects_present(a, d, keys) for a, d in zip(scenes_a, decoded)]
     hits_b = [objects_present(s, d, keys) for s, d in zip(scenes_b, decoded)]
@@ -223,6 +237,32 @@ def composition_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, 
                    all=float(np.mean([x == len(a) and y == len(s) for x, y, a, s in zip(hits_a, hits_b, scenes_a, scenes_b)])),
                    extra=float(np.mean(extra)), n_pairs=len(z_a), keys='+'.join(keys))
     return metrics, images
+
+# %% ../nbs/06_eval.ipynb #fa24cb9f
+@torch.no_grad()
+def query_swap_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, N, D] of scenes A and B
+                      scenes_a: Sequence[Scene],      # the true scenes A
+                      scenes_b: Sequence[Scene],      # the true scenes B
+                      decoder: DiffusionDecoder,      # the frozen decoder
+                      slots: Sequence[int] | None = None, # which vectors to swap, one at a time; None -> all N
+                      keys: Sequence[str] = MATCH_KEYS, # what must agree for an object to count as shown
+                      threshold: float = 0.5,         # a cell is carried when at least this share of its objects moves
+                      **sampling,                     # `decode_embeddings` options: guidance, steps, sampler, batch_size, seed
+                     ) -> dict[int, dict]:            # slot -> recall_a, recall_b, a_lost_at, b_shown_at (cell names)
+    "Swap one vector of z_A for B's at the same slot, decode, and read which of A's objects are lost and which of B's appear, by cell."
+    if not len(scenes_a) == len(scenes_b) == len(z_a): raise ValueError(f"{len(z_a)} embeddings but {len(scenes_a)} and {len(scenes_b)} scenes")
+    rows = {}
+    for i in (range(z_a.shape[1]) if slots is None else slots):
+        z = z_a.clone(); z[:, i] = z_b[:, i]
+        decoded = parse_images(decode_embeddings(z, decoder, **sampling))
+        kept_a, shown_b = np.zeros((2, 9)), np.zeros((2, 9))   # [objects found, objects in total] per cell
+        for a, s, d in zip(scenes_a, scenes_b, decoded):
+            for o in a: kept_a[:, o.cell] += (objects_present([o], d, keys), 1)
+            for o in s: shown_b[:, o.cell] += (objects_present([o], d, keys), 1)
+        moved = lambda share: [CELLS[c] for c in range(9) if share[1, c] and share[0, c] / share[1, c] >= threshold]
+        rows[int(i)] = dict(recall_a=kept_a[0].sum() / max(kept_a[1].sum(), 1), recall_b=shown_b[0].sum() / max(shown_b[1].sum(), 1),
+                            a_lost_at=moved(np.stack([kept_a[1] - kept_a[0], kept_a[1]])), b_shown_at=moved(shown_b))
+    return rows
 
 # %% ../nbs/06_eval.ipynb #345fd087
 ORACLE_FEATURES = 9 + len(ALL_COMBOS) + len(SIZES)

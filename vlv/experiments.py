@@ -28,8 +28,8 @@ from .stage2 import captioned_indices, train_stage2
 from .eval import caption_scores, eval_sets, evaluate_encoder
 
 # %% auto #0
-__all__ = ['STAGES', 'STUDIES', 'image_share', 'probe_images_for', 'weights_digest', 'study_spec', 'spec_name', 'stage1_study',
-           'stage2_study', 'process_map', 'run_study', 'run_studies']
+__all__ = ['STAGES', 'STUDIES', 'image_share', 'probe_images_for', 'weights_digest', 'study_spec', 'spec_name', 'stage1_scores',
+           'stage1_study', 'stage2_study', 'process_map', 'run_study', 'run_studies']
 
 # %% ../nbs/06b_experiments.ipynb #9560c6a9
 @torch.no_grad()
@@ -84,6 +84,28 @@ def spec_name(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 # %% ../nbs/06b_experiments.ipynb #d31759eb
+def stage1_scores(encoder: VLVEncoder,          # a trained stage-1 encoder
+                  decoder: DiffusionDecoder,    # the frozen decoder
+                  cfg: Config,                  # the config it was trained with
+                  history: list[dict],          # its training log (`step`, `loss` per step)
+                  seconds: float,               # its training time
+                  *,
+                  n_scenes: int,                # held-in and held-out test scenes scored
+                  guidance: float,              # CFG scale of the scoring
+                 ) -> dict:                     # steps, seconds, final_loss, attribute, exact, object_f1, held_out, image_share, history
+    "A stage-1 study's summary of an encoder: its held-in and held-out reconstructions read by the oracle, and its loss."
+    scores, _ = evaluate_encoder(encoder, decoder, cfg, n_scenes, (guidance,), ('held-in', 'held-out'), progress=False)
+    s, held_out = scores['held-in'][float(guidance)], scores['held-out'][float(guidance)]
+    losses = [h['loss'] for h in history]
+    return dict(steps=len(history), seconds=seconds, final_loss=float(np.mean(losses[-50:])),
+                attribute=attribute_accuracy(s), exact=s['exact_match'], object_f1=s['object_f1'], guidance=guidance,
+                n_scenes=s['n_scenes'], held_out=dict(attribute=attribute_accuracy(held_out), exact=held_out['exact_match'],
+                                                      object_f1=held_out['object_f1']),
+                image_share=image_share(encoder, probe_images_for(cfg))['z'],
+                history=[dict(step=h['step'], loss=h['loss']) for h in history])
+
+
+#| export
 def stage1_study(cfg: Config,                         # the run's whole config (stage1.steps: its schedule)
                  run_dir: Path,                       # the run's own folder
                  encoder: None = None,                # stage 1 trains its encoder from scratch (`study_spec` checks)
@@ -99,15 +121,8 @@ def stage1_study(cfg: Config,                         # the run's whole config (
     images, keys = train_images(cfg)
     result = train_stage1(cfg, run_dir, images, keys, decoder=decoder, progress=progress,
                           sample_images=test_images(cfg, cfg.stage1.sample_images))
-    scores, _ = evaluate_encoder(result.encoder, decoder, cfg, n_scenes, (guidance,), ('held-in', 'held-out'), progress=False)
-    s, held_out = scores['held-in'][float(guidance)], scores['held-out'][float(guidance)]
-    losses = [h['loss'] for h in result.history]
-    return dict(steps=cfg.stage1.steps, seconds=result.seconds, final_loss=float(np.mean(losses[-50:])),
-                attribute=attribute_accuracy(s), exact=s['exact_match'], object_f1=s['object_f1'], guidance=guidance,
-                n_scenes=s['n_scenes'], held_out=dict(attribute=attribute_accuracy(held_out), exact=held_out['exact_match'],
-                                                      object_f1=held_out['object_f1']),
-                image_share=image_share(result.encoder, probe_images_for(cfg))['z'],
-                history=[dict(step=h['step'], loss=h['loss']) for h in result.history])
+    return stage1_scores(result.encoder, decoder, cfg, result.history, result.seconds, n_scenes=n_scenes, guidance=guidance)
+
 
 # %% ../nbs/06b_experiments.ipynb #541ec157
 def stage2_study(cfg: Config,                         # the run's whole config (decode.*, data.caption_fraction, ...)
