@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from vlv.core import tensor_to_pil
+from vlv.images import tensor_to_pil
 from vlv.latents import LatentDataset, cache_latents
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .core import (CommandError, Config, atomic_write, autocast_dtype, check_new, check_positive, get_device, image_grid,
-                      one_line, positive_int, save_json, tensor_to_pil)
+from .core import (CommandError, Config, atomic_write, autocast_dtype, check_new, check_positive, command_device,
+                      one_line, positive_int, save_json)
+from .images import image_grid, tensor_to_pil
 from .hub import is_hub_id
 from .sources import ImageDataset, batches, find_images, image_source, warnings_as_lines
 
@@ -62,8 +63,7 @@ def load_model(ckpt: str | Path,      # see `model_folder`
     if need_captioner and not (folder / 'caption_decoder').is_dir():
         raise CommandError(f"--ckpt {folder} has no caption_decoder/: it is a stage-1 model, which can reconstruct but not "
                            "caption; use a model saved after stage 2 (runs/NAME/model)")
-    try: device = get_device(device)
-    except (RuntimeError, ValueError) as e: raise CommandError(f"--device {device}: {one_line(e)}") from None
+    device = command_device(device)
     from transformers.utils import logging as hf_logging
     from vlv.decode import load_vlv
     from vlv.worlds import load_bottleneck

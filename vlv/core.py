@@ -21,7 +21,6 @@ from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequenc
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
@@ -29,9 +28,8 @@ __all__ = ['PRESETS', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'R
            'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig', 'EvalConfig',
            'Config', 'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys',
            'check_overrides_read', 'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine',
-           'pil_to_tensor', 'to_uint8', 'tensor_to_pil', 'image_grid', 'show_images', 'atomic_write', 'atomic_folder',
-           'save_json', 'project_root', 'get_run_dir', 'CommandError', 'positive_int', 'check_positive', 'one_line',
-           'check_new']
+           'atomic_write', 'atomic_folder', 'save_json', 'project_root', 'get_run_dir', 'CommandError', 'positive_int',
+           'check_positive', 'one_line', 'check_new', 'command_device']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -545,77 +543,6 @@ def warmup_cosine(step: int,   # optimiser steps taken so far
     if step < warmup: return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-# %% ../nbs/00_core.ipynb #807d5dc1
-def pil_to_tensor(image: Image.Image, # any PIL image; converted to RGB
-                 ) -> torch.Tensor:   # float [3, H, W] in [0, 1]
-    "PIL image to a float tensor in [0, 1]."
-    array = np.asarray(image.convert('RGB'), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-
-
-def to_uint8(image: Any, # PIL image, tensor [3,H,W] in [0,1], or array HxWx3 (uint8 or float in [0,1])
-            ) -> np.ndarray: # uint8 [H, W, 3]
-    "Any single image to a uint8 HxWx3 array."
-    if isinstance(image, Image.Image): return np.asarray(image.convert('RGB'), dtype=np.uint8)
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3): raise ValueError(f"expected a [3,H,W] tensor, got shape {tuple(image.shape)}")
-        image = image.detach().float().cpu().expand(3, -1, -1).permute(1, 2, 0).numpy()
-    image = np.asarray(image)
-    if image.ndim == 2: image = np.stack([image] * 3, axis=-1)
-    if image.dtype == np.uint8: return image
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def tensor_to_pil(image: torch.Tensor, # float [3, H, W] in [0, 1]
-                 ) -> Image.Image:
-    "Float tensor in [0, 1] to a PIL RGB image."
-    return Image.fromarray(to_uint8(image))
-
-# %% ../nbs/00_core.ipynb #b822a4f8
-def _as_list(images) -> list:
-    "A batch tensor or any sequence of images as a list of single images."
-    if isinstance(images, torch.Tensor) and images.ndim == 4: return list(images)
-    if isinstance(images, np.ndarray) and images.ndim == 4: return list(images)
-    return list(images)
-
-
-def image_grid(images,         # list/batch of images (PIL, tensors or arrays), all the same size
-               ncols: int = 8, # images per row
-               pad: int = 2,   # white pixels between images
-              ) -> Image.Image:
-    "Tile images into one PIL image (for PNGs in run folders)."
-    arrays = [to_uint8(image) for image in _as_list(images)]
-    if not arrays: raise ValueError("image_grid needs at least one image")
-    height, width = arrays[0].shape[:2]
-    ncols = min(ncols, len(arrays)); nrows = -(-len(arrays) // ncols)
-    grid = np.full((nrows * (height + pad) - pad, ncols * (width + pad) - pad, 3), 255, np.uint8)
-    for i, array in enumerate(arrays):
-        if array.shape[:2] != (height, width): raise ValueError(f"image {i} is {array.shape[:2]}, expected {(height, width)}")
-        row, col = divmod(i, ncols)
-        grid[row * (height + pad):row * (height + pad) + height, col * (width + pad):col * (width + pad) + width] = array
-    return Image.fromarray(grid)
-
-# %% ../nbs/00_core.ipynb #d7dbbb07
-def show_images(images,                           # list/batch of images (PIL, tensors or arrays)
-                titles: list[str] | None = None,  # one title per image (long ones are wrapped)
-                ncols: int = 8,                   # images per row
-                size: float = 1.5,                # inches per image
-               ):
-    "Plot images in a grid with optional titles; returns the matplotlib figure."
-    import matplotlib.pyplot as plt
-    import textwrap
-    images = _as_list(images)
-    ncols = max(1, min(ncols, len(images))); nrows = max(1, -(-len(images) // ncols))
-    title_lines = max((len(textwrap.wrap(t, 28)) for t in titles), default=0) if titles else 0
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.15 * title_lines)), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis('off')
-        if i >= len(images): continue
-        ax.imshow(to_uint8(images[i]))
-        if titles: ax.set_title('\n'.join(textwrap.wrap(titles[i], 28)), fontsize=7)
-    fig.tight_layout()
-    return fig
-
 # %% ../nbs/00_core.ipynb #c04f7be7
 @contextlib.contextmanager
 def atomic_write(path: str | Path, # final file path
@@ -718,3 +645,11 @@ def check_new(paths: Sequence[Path],  # files about to be written
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ''
         raise CommandError(f"{len(existing)} output file{'s' if len(existing) > 1 else ''} already exist "
                            f"({', '.join(existing[:3])}{more}); pass --overwrite to replace them")
+
+# %% ../nbs/00_core.ipynb #64af3482
+def command_device(device: str,              # 'auto', 'cpu', 'cuda' or 'cuda:N', as the command was given it
+                   flag: str = '--device',   # the option that took it, for the message
+                  ) -> torch.device:
+    "`get_device(device)`, or a `CommandError` naming `flag` and `device` when it is unknown or not available."
+    try: return get_device(device)
+    except (RuntimeError, ValueError) as e: raise CommandError(f"{flag} {device}: {one_line(e)}") from None

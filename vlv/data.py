@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .core import to_uint8
+from .images import to_uint8
 
 # %% auto #0
 __all__ = ['SHAPES', 'PALETTE', 'COLOURS', 'SIZES', 'CELLS', 'BACKGROUND', 'HALF_EXTENT', 'ALL_COMBOS', 'PALETTE_ARRAY',

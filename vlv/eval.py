@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (CommandError, Config, check_new, check_positive, get_config, get_device, one_line, positive_int,
-                      save_json)
+from .core import (CommandError, Config, check_new, check_positive, command_device, get_config, one_line,
+                      positive_int, save_json)
 from .data import ALL_COMBOS, CELLS, SIZES, Scene, attribute_accuracy, make_splits, parse_caption, parse_images, score
 from .sources import batches, find_images, image_source, warnings_as_lines
 from .bottleneck import DiffusionDecoder, sampling_precision
@@ -238,7 +238,7 @@ def composition_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, 
                    extra=float(np.mean(extra)), n_pairs=len(z_a), keys='+'.join(keys))
     return metrics, images
 
-# %% ../nbs/06_eval.ipynb #fa24cb9f
+# %% ../nbs/06_eval.ipynb #370ea7dd
 @torch.no_grad()
 def query_swap_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, N, D] of scenes A and B
                       scenes_a: Sequence[Scene],      # the true scenes A
@@ -346,8 +346,7 @@ def eval_files(captions: str | Path,                    # CAPTIONS_JSON: {image 
     check_new([out], overwrite)
     predictions, references, folder, records = _eval_inputs(captions, images, reference_captions, max_captions)
     extractor = feature_extractor_for(features)
-    try: dev = get_device(device)
-    except (RuntimeError, ValueError) as e: raise CommandError(f"--device {device}: {one_line(e)}") from None
+    dev = command_device(device)
     source = image_source(records, [image_size])
     if len(source) == 0: raise CommandError(f"none of the {len(records)} files in {folder} is a readable image")
     metrics = dict(captions=str(captions), images=str(folder), pipeline=str(pipeline), features=features,

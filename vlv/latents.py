@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from .core import atomic_write, pil_to_tensor, project_root
+from .core import atomic_write, project_root
+from .images import pil_to_tensor
 from .bottleneck import DiffusionDecoder
 
 # %% auto #0

@@ -23,7 +23,8 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import CommandError, get_device, pil_to_tensor, seeded, tensor_to_pil
+from .core import CommandError, get_device, seeded
+from .images import pil_to_tensor, tensor_to_pil
 from .sources import image_to_tensor
 from .bottleneck import TINY, DiffusionDecoder, make_sampler
 

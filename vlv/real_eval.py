@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (CommandError, Config, atomic_folder, atomic_write, check_new, check_positive, get_device, one_line,
-                   positive_int, save_json, seeded, tensor_to_pil)
+from .core import (CommandError, Config, atomic_folder, atomic_write, check_new, check_positive, command_device,
+                      one_line, positive_int, save_json, seeded)
+from .images import tensor_to_pil
 from .sources import (ImageLoadError, ManifestError, SampleError, find_images, folder_caption, image_to_tensor, load_image,
                          read_manifest)
 from .metrics import CLIP_L14, SD35_MEDIUM, TinyFeatures, caption_metrics, clip_score, fid, fid_metric, image_batches, load_pipeline
@@ -28,7 +29,7 @@ from .apps import caption_images, caption_setup, load_model, model_folder, recon
 # %% auto #0
 __all__ = ['COCO_CAPTIONS', 'COCO_IMAGES', 'TABLE1_ROWS', 'PAPER_TABLE1', 'COCO_SUBSET_EPILOG', 'TABLE1_EPILOG', 't5_tokenizer',
            'tiny_sd3', 'write_tiny_sd3', 'tiny_clip', 'fid_features', 'image_records', 'load_tensors', 'write_png',
-           'check_settings', 'reconstruct_records', 'read_captions_jsonl', 'caption_records', 'clip_scores',
+           'check_output_settings', 'reconstruct_records', 'read_captions_jsonl', 'caption_records', 'clip_scores',
            'heldout_eval', 'untrained_model', 'coco_captions', 'select_coco', 'check_files', 'coco_subset',
            'write_fake_coco', 'draw_prompts', 'model_captions', 'table1', 'add_coco_subset_arguments',
            'add_table1_arguments', 'coco_subset_command', 'table1_command', 'mini_inputs', 'evaluate_real']
@@ -160,12 +161,7 @@ def write_png(image: Tensor, path: Path) -> Path:
     return path
 
 
-def _device(device: str) -> torch.device:
-    try: return get_device(device)
-    except (RuntimeError, ValueError) as e: raise CommandError(f"--device {device}: {one_line(e)}") from None
-
-
-def check_settings(folder: Path, settings: dict) -> None:
+def check_output_settings(folder: Path, settings: dict) -> None:
     "Record what made the files of `folder` (settings.json); resuming with other settings is a `CommandError`."
     path, settings = folder / 'settings.json', json.loads(json.dumps(settings, default=str))
     if path.is_file():
@@ -269,7 +265,7 @@ def heldout_eval(ckpt: str | Path,               # saved VLV model (runs/NAME/mo
                 ) -> dict:                       # the metrics, also written to out/heldout_metrics.json
     "Reconstruction FID and CLIPScore of a held-out image set, and caption metrics against its reference captions when it has them."
     check_positive(batch_size=batch_size, steps=steps, fid_size=fid_size, limit=limit)
-    records, dev, extractor, out = image_records(images, limit), _device(device), fid_features(features), Path(out)
+    records, dev, extractor, out = image_records(images, limit), command_device(device), fid_features(features), Path(out)
     model, encoder, bottleneck, cfg = load_model(ckpt, str(dev))
     fast = dev.type == 'cuda' if fast is None else fast
     if fast:
@@ -277,7 +273,7 @@ def heldout_eval(ckpt: str | Path,               # saved VLV model (runs/NAME/mo
         fast_bottleneck(bottleneck)
     b = cfg.bottleneck
     settings = dict(guidance=b.guidance if guidance is None else guidance, steps=steps or b.sample_steps, sampler=sampler or b.sampler, seed=seed)
-    check_settings(out / 'reconstructions', settings | dict(ckpt=str(model_folder(ckpt).resolve()), images=str(Path(images).resolve()), fast=fast))
+    check_output_settings(out / 'reconstructions', settings | dict(ckpt=str(model_folder(ckpt).resolve()), images=str(Path(images).resolve()), fast=fast))
     t0 = time.perf_counter()
     paths = reconstruct_records(encoder, bottleneck, records, out / 'reconstructions', **settings, batch_size=batch_size, fast=fast, progress=progress)
     m = dict(images=str(images), n_images=len(records), ckpt=str(ckpt), **settings, fast=fast, features=features, fid_size=fid_size,
@@ -462,10 +458,10 @@ def table1(manifest: str | Path,               # JSONL from `vlv coco-subset` (c
     records, out = image_records(manifest, limit), Path(out)
     if 'coco' in rows and (missing := [r['key'] for r in records if not r.get('caption')]):
         raise CommandError(f"{manifest}: {len(missing)} images have no caption, e.g. {missing[0]!r}; the COCO row needs one per image")
-    dev, extractor = _device(device), fid_features(features)
+    dev, extractor = command_device(device), fid_features(features)
     name = str(pipeline) if isinstance(pipeline, (str, Path)) else type(pipeline).__name__
-    check_settings(out, dict(manifest=str(Path(manifest).resolve()), ckpt=str(model_folder(ckpt).resolve()) if ckpt else None,
-                             pipeline=name, steps=steps, seed=seed))
+    check_output_settings(out, dict(manifest=str(Path(manifest).resolve()), ckpt=str(model_folder(ckpt).resolve()) if ckpt else None,
+                                    pipeline=name, steps=steps, seed=seed))
     prompts = {'coco': [r['caption'] for r in records]} if 'coco' in rows else {}
     if 'vlv' in rows: prompts['vlv'] = model_captions(ckpt, records, out / 'vlv_captions.jsonl', batch_size, dev, progress)
     if isinstance(pipeline, (str, Path)):

@@ -28,7 +28,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, default_collate
 from tqdm import tqdm
 
-from .core import CommandError, atomic_write, one_line, pil_to_tensor
+from .core import CommandError, atomic_write, one_line
+from .images import pil_to_tensor
 from .streams import Stream, StreamResumeError, StreamState, reader_info, split_parts
 
 # %% auto #0

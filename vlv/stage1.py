@@ -24,7 +24,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write, image_grid, seeded, warmup_cosine
+from .core import Config, atomic_write, seeded, warmup_cosine
+from .images import image_grid
 from .checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state, load_state, optimizer_state,
                              read_safetensors, save_checkpoint)
 from .bottleneck import DiffusionDecoder, load_decoder

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .core import Config, get_config, save_json, set_seed, show_images, warmup_cosine
+from .core import Config, get_config, save_json, set_seed, warmup_cosine
+from .images import show_images
 from .data import (CAPTION_WORDS, Scene, caption, layouts_to_scenes, make_splits, parse_images, render_layouts,
                       sample_layouts, score)
 from .tokenizers import make_word_tokenizer
