@@ -238,7 +238,7 @@ def composition_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, 
                    extra=float(np.mean(extra)), n_pairs=len(z_a), keys='+'.join(keys))
     return metrics, images
 
-# %% ../nbs/06_eval.ipynb #370ea7dd
+# %% ../nbs/06_eval.ipynb #4552ba2e
 @torch.no_grad()
 def query_swap_scores(z_a: Tensor, z_b: Tensor,       # caption embeddings [B, N, D] of scenes A and B
                       scenes_a: Sequence[Scene],      # the true scenes A
