@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,17 +87,18 @@ def spec_name(spec: dict) -> str:
 def stage1_scores(encoder: VLVEncoder,          # a trained stage-1 encoder
                   decoder: DiffusionDecoder,    # the frozen decoder
                   cfg: Config,                  # the config it was trained with
-                  history: list[dict],          # its training log (`step`, `loss` per step)
-                  seconds: float,               # its training time
                   *,
+                  steps: int,                   # optimiser steps it took
+                  seconds: float,               # its training time
+                  final_loss: float,            # its mean loss of the last 50 steps (`Stage1Result.final_loss`)
+                  history: Sequence[dict],      # its loss curve (`step`, `loss`: every step, or every `log_every`-th from log.jsonl)
                   n_scenes: int,                # held-in and held-out test scenes scored
                   guidance: float,              # CFG scale of the scoring
                  ) -> dict:                     # steps, seconds, final_loss, attribute, exact, object_f1, held_out, image_share, history
     "A stage-1 study's summary of an encoder: its held-in and held-out reconstructions read by the oracle, and its loss."
     scores, _ = evaluate_encoder(encoder, decoder, cfg, n_scenes, (guidance,), ('held-in', 'held-out'), progress=False)
     s, held_out = scores['held-in'][float(guidance)], scores['held-out'][float(guidance)]
-    losses = [h['loss'] for h in history]
-    return dict(steps=len(history), seconds=seconds, final_loss=float(np.mean(losses[-50:])),
+    return dict(steps=steps, seconds=seconds, final_loss=final_loss,
                 attribute=attribute_accuracy(s), exact=s['exact_match'], object_f1=s['object_f1'], guidance=guidance,
                 n_scenes=s['n_scenes'], held_out=dict(attribute=attribute_accuracy(held_out), exact=held_out['exact_match'],
                                                       object_f1=held_out['object_f1']),
@@ -121,7 +122,8 @@ def stage1_study(cfg: Config,                         # the run's whole config (
     images, keys = train_images(cfg)
     result = train_stage1(cfg, run_dir, images, keys, decoder=decoder, progress=progress,
                           sample_images=test_images(cfg, cfg.stage1.sample_images))
-    return stage1_scores(result.encoder, decoder, cfg, result.history, result.seconds, n_scenes=n_scenes, guidance=guidance)
+    return stage1_scores(result.encoder, decoder, cfg, steps=len(result.history), seconds=result.seconds, final_loss=result.final_loss,
+                         history=result.history, n_scenes=n_scenes, guidance=guidance)
 
 
 # %% ../nbs/06b_experiments.ipynb #541ec157

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, atomic_write, seeded, warmup_cosine
+from .core import Config, atomic_write, get_config, seeded, warmup_cosine
 from .images import image_grid
 from .checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state, load_state, optimizer_state,
                              read_safetensors, save_checkpoint)
@@ -41,7 +41,8 @@ __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_data
            'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
            'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
            'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
-           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1']
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
+           'ablation_configs']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
@@ -231,6 +232,11 @@ class Stage1Result:
     checkpoint: Path | None             # the last checkpoint written
     seconds: float                      # wall time of the training loop (this call)
     grids: list[Path] = field(default_factory=list) # reconstruction grids written
+
+    @property
+    def final_loss(self) -> float:
+        "Mean loss of the last 50 steps of this call: what the tables report as a run's final loss."
+        return float(np.mean([h['loss'] for h in self.history[-50:]])) if self.history else float('nan')
 
 # %% ../nbs/04_stage1.ipynb #3b4cc529
 @torch.no_grad()
@@ -661,3 +667,20 @@ def train_stage1(cfg: Config,                              # the whole config (e
         if main: save_encoder(encoder, run.folder / 'encoder', state)
     acc.wait_for_everyone()
     return Stage1Result(encoder, history, run.folder, run.checkpoint, seconds, run.grids)
+
+# %% ../nbs/04_stage1.ipynb #f3d01bd3
+def ablation_configs(cfg: Config,       # the main run's config
+                     preset: str,       # its preset
+                     overrides: str,    # its overrides (each row adds its own)
+                     grid_tokens: int,  # the encoder's grid cells: N of the grid-readout row
+                    ) -> tuple[dict[str, Config], list[str]]: # every row's config, in table order; the rows that are the main run
+    "The queries ablation: a run per `stage1.query_ablation` N and one of the grid readout, `stage1.ablation_steps` each; a row whose training config is the main run's (`check_resumable`) is that run."
+    steps = cfg.stage1.ablation_steps
+    readouts = {f'{n} queries': f"encoder.readout=queries encoder.num_queries={n}" for n in cfg.stage1.query_ablation}
+    readouts['grid readout (image tokens)'] = f'encoder.readout=image_tokens encoder.num_queries={grid_tokens}'
+    configs = {name: get_config(preset, f"{overrides or ''} {extra} stage1.steps={steps} stage1.checkpoint_every={steps} "
+                                        f"stage1.sample_every={steps}") for name, extra in readouts.items()}
+    def is_main_run(run_cfg: Config) -> bool:
+        try: check_resumable(run_cfg.model_dump(mode='json'), cfg); return True
+        except ValueError: return False
+    return configs, [name for name, c in configs.items() if is_main_run(c)]

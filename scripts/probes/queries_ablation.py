@@ -1,6 +1,7 @@
 """Issue 20 item 5: nbs/04's queries ablation for one finished toy run, outside the notebook (the run itself had
 experiments.studies=false). Trains the rows that are not the main run (4 queries, the grid readout) with
-`run_studies` exactly as 04 does, scores the run's own encoder as the 16-query row, and writes
+`run_studies` on the rows of `vlv.stage1.ablation_configs`, as 04 does, scores the run's own encoder as the row that
+is the main run, and writes
 <run>/queries_ablation.json. Usage: python scripts/probes/queries_ablation.py runs/toy-seeds/seed-0 [workers]"""
 import json, sys, time
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from vlv.core import get_config, save_json
 from vlv.encoder import load_encoder
 from vlv.experiments import run_studies, stage1_scores
+from vlv.stage1 import ablation_configs
 from vlv.worlds import load_bottleneck
 
 
@@ -17,20 +19,18 @@ def main():
     manifest = json.loads((run / 'manifest.json').read_text())
     overrides = manifest['parameters'].get('cfg_overrides', '')
     cfg = get_config('toy', overrides)
-    steps, n = cfg.stage1.ablation_steps, cfg.stage1.ablation_scenes
+    n = cfg.stage1.ablation_scenes
     decoder = load_bottleneck(cfg)
     encoder = load_encoder(run / 'stage1' / 'encoder', cfg.encoder).eval()
-    rows = {f'{q} queries': f'encoder.readout=queries encoder.num_queries={q}' for q in cfg.stage1.query_ablation if q != cfg.encoder.num_queries}
-    rows['grid readout (image tokens)'] = f'encoder.readout=image_tokens encoder.num_queries={encoder.grid_tokens}'
-    cfgs = {name: get_config('toy', f"{overrides} {extra} stage1.steps={steps} stage1.checkpoint_every={steps} stage1.sample_every={steps}")
-            for name, extra in rows.items()}
+    cfgs, main_twin = ablation_configs(cfg, 'toy', overrides, encoder.grid_tokens)
     t0 = time.time()
-    table = run_studies(1, cfgs, run / 'short-runs', workers, n_scenes=n, guidance=1.0)
-    log = [json.loads(l) for l in (run / 'stage1' / 'log.jsonl').read_text().splitlines()]
-    done = json.loads((run / 'stage1_metrics.json').read_text())   # the log has every log_every-th step: steps and loss from 04's metrics
-    main = stage1_scores(encoder, decoder, cfg, log, done['train_seconds'], n_scenes=n, guidance=1.0) | dict(
-        main_run=True, steps=done['steps'], final_loss=done['final_loss'])
-    table = {f'{cfg.encoder.num_queries} queries': main, **table}
+    table = run_studies(1, {k: c for k, c in cfgs.items() if k not in main_twin}, run / 'short-runs', workers, n_scenes=n, guidance=1.0)
+    log = [json.loads(l) for l in (run / 'stage1' / 'log.jsonl').read_text().splitlines()]   # every log_every-th step
+    done = json.loads((run / 'stage1_metrics.json').read_text())                              # 04's steps and final loss
+    for name in main_twin:
+        table[name] = stage1_scores(encoder, decoder, cfg, steps=done['steps'], seconds=done['train_seconds'],
+                                    final_loss=done['final_loss'], history=log, n_scenes=n, guidance=1.0) | dict(main_run=True)
+    table = {name: table[name] for name in cfgs}
     save_json({k: {x: y for x, y in v.items() if x != 'history'} for k, v in table.items()} | {'minutes': (time.time() - t0) / 60},
               run / 'queries_ablation.json')
     for k, v in table.items():
