@@ -167,3 +167,26 @@ def test_each_preset_builds_a_z_its_decoder_reads(preset, encoder):
     with torch.no_grad(): z = enc(torch.rand(1, 3, ecfg.image_size, ecfg.image_size))
     assert z.shape[1] == ecfg.num_queries <= cfg.bottleneck.max_length
     if ecfg.readout == 'image_tokens': assert enc.grid_tokens == ecfg.num_queries
+
+
+def test_toy_preset_starts_from_the_shipped_florence():
+    "encoder.pretrained='toy' is the toy Florence-2 in vlv/assets/florence (nbs/04a): its weights, fresh queries and phi."
+    from transformers import Florence2ForConditionalGeneration
+    from vlv.encoder import TOY_FLORENCE, florence_path
+    cfg = get_config('toy')
+    assert cfg.encoder.pretrained == TOY_FLORENCE and (florence_path() / 'training.json').is_file()
+    enc = build_encoder(cfg.encoder, cfg.bottleneck.text_width, seed=3)
+    shipped = Florence2ForConditionalGeneration.from_pretrained(florence_path()).state_dict()
+    assert all(torch.equal(shipped[k], v) for k, v in enc.florence.state_dict().items())
+    assert enc.cfg.pretrained == TOY_FLORENCE   # the record names the asset, not this install's path
+    assert not torch.equal(enc.queries, build_encoder(cfg.encoder, cfg.bottleneck.text_width, seed=4).queries)
+    record = json.loads((florence_path() / 'training.json').read_text())
+    assert record['command'] == 'vlv run --preset toy --name florence --only 04a -p train True -p ship True'
+
+
+def test_missing_toy_florence_names_the_command(monkeypatch, tmp_path):
+    "Without the shipped asset (e.g. a trimmed install) the error says how to make it."
+    import vlv.encoder
+    monkeypatch.setattr(vlv.encoder, 'florence_path', lambda: tmp_path / 'florence')
+    with pytest.raises(FileNotFoundError, match=r'--only 04a -p train True -p ship True'):
+        build_encoder(get_config('toy').encoder, 32)

@@ -5,6 +5,7 @@
 # %% ../nbs/02_encoder.ipynb #a2b76ad3
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Mapping
@@ -16,14 +17,14 @@ from torch import Tensor, nn
 from transformers import (BartConfig, Florence2Config, Florence2ForConditionalGeneration,
                           Florence2VisionConfig)
 
-from .core import EncoderConfig, atomic_write
+from .core import EncoderConfig, atomic_folder, atomic_write, save_json
 from .checkpoints import load_state, read_safetensors, unique_state
 from .tokenizers import prompt_tokenizer
 from .hub import hub_errors, pretrained_source
 
 # %% auto #0
-__all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention', 'build_encoder',
-           'save_encoder', 'load_encoder']
+__all__ = ['PARTS', 'TOY_FLORENCE', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention',
+           'florence_path', 'build_encoder', 'save_encoder', 'load_encoder', 'save_florence']
 
 # %% ../nbs/02_encoder.ipynb #ff9651cf
 def florence_config(cfg: EncoderConfig, # sizes of the random-init model
@@ -193,15 +194,29 @@ def sharpen_cross_attention(florence: Florence2ForConditionalGeneration, # model
                 if proj.bias is not None: proj.bias.mul_(gain)
 
 
+TOY_FLORENCE = 'toy'   # the `encoder.pretrained` value naming the toy Florence-2 shipped with the package
+
+def florence_path() -> Path:
+    "Folder of the toy Florence-2 shipped with the package (pretrained on images only by nbs/04a_florence)."
+    spec = importlib.util.find_spec('vlv')
+    return Path(list(spec.submodule_search_locations)[0]) / 'assets' / 'florence'
+
+
 def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
                   text_width: int,          # the diffusion decoder's text-encoder width (cfg.bottleneck.text_width)
                   seed: int = 0,            # seeds the random initialisation (queries, phi, random-init Florence-2)
                  ) -> VLVEncoder:
-    "A VLV encoder: pretrained Florence-2 (`cfg.pretrained`) or a random-init one, plus fresh queries and phi."
-    if cfg.pretrained and not Path(cfg.pretrained).expanduser().exists():
+    "A VLV encoder: pretrained Florence-2 (`cfg.pretrained`: 'toy', a folder or a hub id) or a random-init one, plus fresh queries and phi."
+    given = cfg
+    if cfg.pretrained == TOY_FLORENCE:   # the toy Florence-2 shipped with the package (nbs/04a)
+        if not (florence_path() / 'config.json').is_file():
+            raise FileNotFoundError(f"encoder.pretrained='toy' but no toy Florence-2 at {florence_path()}: pretrain and ship it with "
+                                    "`vlv run --preset toy --name florence --only 04a -p train True -p ship True`")
+        cfg = cfg.model_copy(update=dict(pretrained=str(florence_path())))
+    elif cfg.pretrained and not Path(cfg.pretrained).expanduser().exists():
         if cfg.pretrained.count('/') != 1 or cfg.pretrained.startswith(('.', '/', '~')):
             raise FileNotFoundError(f"encoder.pretrained={cfg.pretrained!r} is neither a folder nor a hub id (owner/name)")
-    elif cfg.pretrained: cfg = cfg.model_copy(update=dict(pretrained=str(Path(cfg.pretrained).expanduser())))
+    elif cfg.pretrained: given = cfg = cfg.model_copy(update=dict(pretrained=str(Path(cfg.pretrained).expanduser())))
     tokenizer = prompt_tokenizer(cfg)
     prompt_ids = torch.tensor(tokenizer(cfg.prompt).input_ids)
     with torch.random.fork_rng(devices=[]):
@@ -217,7 +232,7 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
             florence = Florence2ForConditionalGeneration(fc)
         if cfg.position_init_std is not None: reinit_positions(florence, cfg.position_init_std)
         if cfg.cross_attention_gain != 1: sharpen_cross_attention(florence, cfg.cross_attention_gain)
-        return VLVEncoder(florence, prompt_ids, text_width, cfg)
+        return VLVEncoder(florence, prompt_ids, text_width, given)   # given: records 'toy', not this install's path
 
 # %% ../nbs/02_encoder.ipynb #268bc3db
 def save_encoder(encoder: VLVEncoder, # the encoder to save
@@ -253,3 +268,16 @@ def load_encoder(path: str | Path,                      # folder written by `sav
     load_state(encoder, state, source=str(path / 'model.safetensors'))
     encoder.set_trainable()
     return encoder.to(device) if device is not None else encoder
+
+
+def save_florence(encoder: VLVEncoder, # its Florence-2 (vision tower, projection, BART) is saved; queries and phi are not
+                  tokenizer,           # the prompt tokenizer (`prompt_tokenizer(encoder.cfg)`)
+                  path: str | Path,    # target folder (replaced atomically)
+                  record: dict | None = None, # what to store in training.json (command, machine, scores)
+                 ) -> Path:
+    "Save the encoder's Florence-2 as a Hugging Face folder (safetensors, config, tokenizer) that `encoder.pretrained` loads."
+    with atomic_folder(path) as tmp:
+        encoder.florence.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if record is not None: save_json(record, tmp / 'training.json')
+    return Path(path)

@@ -21,7 +21,7 @@ from .core import Config, get_device, save_json
 from .data import attribute_accuracy, make_splits
 from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_images, train_images
 from .bottleneck import DiffusionDecoder
-from .encoder import VLVEncoder, build_encoder, load_encoder
+from .encoder import TOY_FLORENCE, VLVEncoder, build_encoder, florence_path, load_encoder
 from .stage1 import train_stage1
 from .decode import CaptionDecoder, Stage2Model, load_lm
 from .stage2 import captioned_indices, train_stage2
@@ -68,13 +68,16 @@ def weights_digest(folder: str | Path | None, # a saved encoder folder (model.sa
 
 def study_spec(stage: int,                          # one of STAGES
                cfg: Config,                         # the run's whole config
-               encoder: str | Path | None = None,   # stage 2: the saved stage-1 encoder it starts from (None: random init)
+               encoder: str | Path | None = None,   # stage 2: the saved stage-1 encoder it starts from (None: `build_encoder(cfg.encoder)`)
                **scoring,                           # how the run is scored beyond its config (stage 1: n_scenes, guidance)
               ) -> dict:                            # what makes the run what it is: its cache key
     "The cache key of a study run: its whole config, for stage 2 the digest of the encoder it starts from, and its scoring."
     if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if stage == 1 and encoder is not None: raise ValueError("a stage-1 study trains its encoder from scratch: pass encoder=None")
+    if stage == 1 and encoder is not None: raise ValueError("a stage-1 study trains the encoder its config builds: pass encoder=None")
     spec = dict(config=cfg.model_dump(mode='json'))
+    start = str(florence_path()) if cfg.encoder.pretrained == TOY_FLORENCE else cfg.encoder.pretrained
+    if start and (Path(start).expanduser() / 'model.safetensors').is_file():   # a local Florence-2: its weights, not only its name
+        spec['florence'] = weights_digest(Path(start).expanduser())
     if stage == 2: spec['encoder'] = weights_digest(encoder)
     return spec | scoring
 
@@ -129,7 +132,7 @@ def stage1_study(cfg: Config,                         # the run's whole config (
 # %% ../nbs/06b_experiments.ipynb #541ec157
 def stage2_study(cfg: Config,                         # the run's whole config (decode.*, data.caption_fraction, ...)
                  run_dir: Path,                       # the run's own folder (its resumable checkpoint goes here)
-                 encoder: str | Path | None = None,   # a saved stage-1 encoder folder, or None: a random-init encoder (no stage 1)
+                 encoder: str | Path | None = None,   # a saved stage-1 encoder folder, or None: no stage 1 (`build_encoder(cfg.encoder)`)
                  decoder: DiffusionDecoder | None = None, # the frozen decoder; None -> `load_bottleneck(cfg)` on cfg.run.device
                  progress: bool = False,              # progress bar of the training
                 ) -> dict:                            # steps, seconds, final_loss, captioned, held-in / held-out scores
@@ -151,7 +154,7 @@ def stage2_study(cfg: Config,                         # the run's whole config (
               for split, label in (('test', 'held-in'), ('heldout_test', 'held-out'))}
     return dict(steps=len(history), seconds=time.perf_counter() - t0, final_loss=float(np.mean([h['loss'] for h in history[-50:]])),
                 captioned=int(len(captioned_indices(splits['train']))), train=cfg.decode.train,
-                encoder='stage 1' if encoder is not None else 'random init', scores=scores)
+                encoder='stage 1' if encoder is not None else f"no stage 1 ({cfg.encoder.pretrained or 'random init'})", scores=scores)
 
 # %% ../nbs/06b_experiments.ipynb #1a32d438
 def _call_with_one_thread(fn: Callable, args: tuple) -> Any:
