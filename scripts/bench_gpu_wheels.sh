@@ -11,7 +11,8 @@ venv=${1:-.venv}
 cd "$(dirname "$0")/.."
 packages=${WHEELS:-"transformers diffusers importlib_metadata pydantic pydantic_core annotated-types typing-inspection typing_extensions
           fastcore webdataset braceexpand papermill nbclient nbformat jupyter_client jupyter_core traitlets fastjsonschema
-          jsonschema jsonschema-specifications referencing rpds-py pyzmq tornado entrypoints tenacity platformdirs"}
+          jsonschema jsonschema-specifications referencing rpds-py pyzmq tornado entrypoints tenacity platformdirs
+          huggingface_hub httpx2 httpcore2 truststore anyio idna h11 click regex"}
 pins=()
 for p in $packages; do
   v=$("$venv/bin/python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p")
