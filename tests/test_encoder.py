@@ -172,7 +172,7 @@ def test_each_preset_builds_a_z_its_decoder_reads(preset, encoder):
 def test_toy_preset_starts_from_the_shipped_florence():
     "encoder.pretrained='toy' is the toy Florence-2 in vlv/assets/florence (nbs/04a): its weights, fresh queries and phi."
     from transformers import Florence2ForConditionalGeneration
-    from vlv.encoder import TOY_FLORENCE, florence_path
+    from vlv.hub import TOY_FLORENCE, florence_path
     cfg = get_config('toy')
     assert cfg.encoder.pretrained == TOY_FLORENCE and (florence_path() / 'training.json').is_file()
     enc = build_encoder(cfg.encoder, cfg.bottleneck.text_width, seed=3)
@@ -186,7 +186,7 @@ def test_toy_preset_starts_from_the_shipped_florence():
 
 def test_missing_toy_florence_names_the_command(monkeypatch, tmp_path):
     "Without the shipped asset (e.g. a trimmed install) the error says how to make it."
-    import vlv.encoder
-    monkeypatch.setattr(vlv.encoder, 'florence_path', lambda: tmp_path / 'florence')
-    with pytest.raises(FileNotFoundError, match=r'--only 04a -p train True -p ship True'):
-        build_encoder(get_config('toy').encoder, 32)
+    import vlv.hub
+    monkeypatch.setattr(vlv.hub, 'florence_path', lambda: tmp_path / 'florence')
+    for make in (lambda: build_encoder(get_config('toy').encoder, 32), lambda: prompt_tokenizer(get_config('toy').encoder)):
+        with pytest.raises(FileNotFoundError, match=r'--only 04a -p train True -p ship True'): make()

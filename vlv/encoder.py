@@ -5,7 +5,6 @@
 # %% ../nbs/02_encoder.ipynb #a2b76ad3
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Mapping
@@ -20,11 +19,11 @@ from transformers import (BartConfig, Florence2Config, Florence2ForConditionalGe
 from .core import EncoderConfig, atomic_folder, atomic_write, save_json
 from .checkpoints import load_state, read_safetensors, unique_state
 from .tokenizers import prompt_tokenizer
-from .hub import hub_errors, pretrained_source
+from .hub import TOY_FLORENCE, florence_source, hub_errors, pretrained_source
 
 # %% auto #0
-__all__ = ['PARTS', 'TOY_FLORENCE', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention',
-           'florence_path', 'build_encoder', 'save_encoder', 'load_encoder', 'save_florence']
+__all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention', 'build_encoder',
+           'save_encoder', 'load_encoder', 'save_florence']
 
 # %% ../nbs/02_encoder.ipynb #ff9651cf
 def florence_config(cfg: EncoderConfig, # sizes of the random-init model
@@ -194,14 +193,6 @@ def sharpen_cross_attention(florence: Florence2ForConditionalGeneration, # model
                 if proj.bias is not None: proj.bias.mul_(gain)
 
 
-TOY_FLORENCE = 'toy'   # the `encoder.pretrained` value naming the toy Florence-2 shipped with the package
-
-def florence_path() -> Path:
-    "Folder of the toy Florence-2 shipped with the package (pretrained on images only by nbs/04a_florence)."
-    spec = importlib.util.find_spec('vlv')
-    return Path(list(spec.submodule_search_locations)[0]) / 'assets' / 'florence'
-
-
 def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
                   text_width: int,          # the diffusion decoder's text-encoder width (cfg.bottleneck.text_width)
                   seed: int = 0,            # seeds the random initialisation (queries, phi, random-init Florence-2)
@@ -209,10 +200,7 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
     "A VLV encoder: pretrained Florence-2 (`cfg.pretrained`: 'toy', a folder or a hub id) or a random-init one, plus fresh queries and phi."
     given = cfg
     if cfg.pretrained == TOY_FLORENCE:   # the toy Florence-2 shipped with the package (nbs/04a)
-        if not (florence_path() / 'config.json').is_file():
-            raise FileNotFoundError(f"encoder.pretrained='toy' but no toy Florence-2 at {florence_path()}: pretrain and ship it with "
-                                    "`vlv run --preset toy --name florence --only 04a -p train True -p ship True`")
-        cfg = cfg.model_copy(update=dict(pretrained=str(florence_path())))
+        cfg = cfg.model_copy(update=dict(pretrained=str(florence_source(cfg.pretrained))))
     elif cfg.pretrained and not Path(cfg.pretrained).expanduser().exists():
         if cfg.pretrained.count('/') != 1 or cfg.pretrained.startswith(('.', '/', '~')):
             raise FileNotFoundError(f"encoder.pretrained={cfg.pretrained!r} is neither a folder nor a hub id (owner/name)")

@@ -21,7 +21,8 @@ from .core import Config, get_device, save_json
 from .data import attribute_accuracy, make_splits
 from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_images, train_images
 from .bottleneck import DiffusionDecoder
-from .encoder import TOY_FLORENCE, VLVEncoder, build_encoder, florence_path, load_encoder
+from .encoder import VLVEncoder, build_encoder, load_encoder
+from .hub import TOY_FLORENCE, florence_path
 from .stage1 import train_stage1
 from .decode import CaptionDecoder, Stage2Model, load_lm
 from .stage2 import captioned_indices, train_stage2

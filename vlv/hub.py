@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Iterator
@@ -13,8 +14,8 @@ from typing import Iterator
 from huggingface_hub.errors import DisabledRepoError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 # %% auto #0
-__all__ = ['MIRRORS', 'HUB_ID', 'is_hub_id', 'pretrained_source', 'ModelNotFound', 'hub_error', 'missing_model_message',
-           'hub_errors']
+__all__ = ['MIRRORS', 'HUB_ID', 'TOY_FLORENCE', 'is_hub_id', 'pretrained_source', 'florence_path', 'florence_source',
+           'ModelNotFound', 'hub_error', 'missing_model_message', 'hub_errors']
 
 # %% ../nbs/00c_hub.ipynb #67bcbb84
 MIRRORS: dict[str, tuple[str, ...]] = {   # Hub ids removed by their publishers -> community copies with the same files
@@ -39,6 +40,25 @@ def pretrained_source(value: str | Path,          # a local folder or a Hub id
         raise FileNotFoundError(f"{field}={str(value)!r} is neither a folder nor a hub id (owner/name): "
                                 f"no folder {path.absolute()} exists")
     return value
+
+# %% ../nbs/00c_hub.ipynb #4e4f5e11
+TOY_FLORENCE = 'toy'   # the `encoder.pretrained` value naming the toy Florence-2 shipped with the package
+
+def florence_path() -> Path:
+    "Folder of the toy Florence-2 shipped with the package (pretrained on images only by nbs/04a_florence)."
+    spec = importlib.util.find_spec('vlv')
+    return Path(list(spec.submodule_search_locations)[0]) / 'assets' / 'florence'
+
+
+def florence_source(pretrained: str | Path,              # an `encoder.pretrained` value: 'toy', a folder or a Hub id
+                    field: str = 'encoder.pretrained',   # named in errors
+                   ) -> Path | str:                      # the folder, or the Hub id
+    "Where a Florence-2 named by `encoder.pretrained` loads from: 'toy' -> the shipped toy Florence-2, else `pretrained_source`."
+    if str(pretrained) != TOY_FLORENCE: return pretrained_source(pretrained, field)
+    if not (florence_path() / 'config.json').is_file():
+        raise FileNotFoundError(f"{field}='toy' but no toy Florence-2 at {florence_path()}: pretrain and ship it with "
+                                "`vlv run --preset toy --name florence --only 04a -p train True -p ship True`")
+    return florence_path()
 
 # %% ../nbs/00c_hub.ipynb #7dabc332
 class ModelNotFound(OSError):

@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
 
 from .core import EncoderConfig
-from .hub import hub_errors, pretrained_source
+from .hub import florence_source, hub_errors, pretrained_source
 
 # %% auto #0
 __all__ = ['WORD_SPECIALS', 'open_clip_bpe_path', 'bytes_to_unicode', 'clip_bpe_vocab', 'write_clip_tokenizer', 'clip_tokenizer',
@@ -136,6 +136,6 @@ def prompt_tokenizer(cfg: EncoderConfig, # uses pretrained, prompt, max_position
                     ):
     "The tokenizer of the task prompt: the checkpoint's, or a word-level one over the prompt's words (random init)."
     if cfg.pretrained:
-        source = pretrained_source(cfg.pretrained, 'encoder.pretrained')
+        source = florence_source(cfg.pretrained)   # 'toy': the shipped toy Florence-2 (nbs/04a)
         with hub_errors(source, 'encoder.pretrained'): return AutoTokenizer.from_pretrained(source)
     return make_word_tokenizer([cfg.prompt], max_length=cfg.max_positions)
