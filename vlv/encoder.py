@@ -259,13 +259,12 @@ def load_encoder(path: str | Path,                      # folder written by `sav
 
 
 def save_florence(encoder: VLVEncoder, # its Florence-2 (vision tower, projection, BART) is saved; queries and phi are not
-                  tokenizer,           # the prompt tokenizer (`prompt_tokenizer(encoder.cfg)`)
                   path: str | Path,    # target folder (replaced atomically)
                   record: dict | None = None, # what to store in training.json (command, machine, scores)
                  ) -> Path:
     "Save the encoder's Florence-2 as a Hugging Face folder (safetensors, config, tokenizer) that `encoder.pretrained` loads."
     with atomic_folder(path) as tmp:
         encoder.florence.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        prompt_tokenizer(encoder.cfg).save_pretrained(tmp)   # the prompt's tokenizer, which `encoder.pretrained` loads
         if record is not None: save_json(record, tmp / 'training.json')
     return Path(path)
