@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import Config, get_device, save_json
+from .core import Config, get_config, get_device, save_json
 from .data import attribute_accuracy, make_splits
 from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_images, train_images
 from .bottleneck import DiffusionDecoder
@@ -30,7 +30,7 @@ from .eval import caption_scores, eval_sets, evaluate_encoder
 
 # %% auto #0
 __all__ = ['STAGES', 'STUDIES', 'image_share', 'probe_images_for', 'weights_digest', 'study_spec', 'spec_name', 'stage1_scores',
-           'stage1_study', 'stage2_study', 'process_map', 'run_study', 'run_studies']
+           'stage1_study', 'stage2_study', 'process_map', 'run_study', 'run_studies', 'stage2_study_jobs']
 
 # %% ../nbs/06b_experiments.ipynb #9560c6a9
 @torch.no_grad()
@@ -72,10 +72,12 @@ def study_spec(stage: int,                          # one of STAGES
                encoder: str | Path | None = None,   # stage 2: the saved stage-1 encoder it starts from (None: `build_encoder(cfg.encoder)`)
                **scoring,                           # how the run is scored beyond its config (stage 1: n_scenes, guidance)
               ) -> dict:                            # what makes the run what it is: its cache key
-    "The cache key of a study run: its whole config, for stage 2 the digest of the encoder it starts from, and its scoring."
+    "The cache key of a study run: its whole config (less the trackers it logs to), for stage 2 the digest of the encoder it starts from, and its scoring."
     if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if stage == 1 and encoder is not None: raise ValueError("a stage-1 study trains the encoder its config builds: pass encoder=None")
-    spec = dict(config=cfg.model_dump(mode='json'))
+    config = cfg.model_dump(mode='json')
+    for section in ('stage1', 'decode'): config[section].pop('log_with')   # where a run's logs go does not change its numbers
+    spec = dict(config=config)
     start = str(florence_path()) if cfg.encoder.pretrained == TOY_FLORENCE else cfg.encoder.pretrained
     if start and (Path(start).expanduser() / 'model.safetensors').is_file():   # a local Florence-2: its weights, not only its name
         spec['florence'] = weights_digest(Path(start).expanduser())
@@ -202,7 +204,7 @@ def run_study(stage: int,                            # one of STAGES
     spec = study_spec(stage, cfg, encoder, **scoring)
     run_dir = Path(folder) / spec_name(spec)
     if (run_dir / 'summary.json').exists(): return json.loads((run_dir / 'summary.json').read_text())
-    summary = STUDIES[stage](cfg, run_dir, encoder, decoder, progress, **scoring) | dict(spec=spec)
+    summary = STUDIES[stage](cfg, run_dir, encoder, decoder, progress, **scoring) | dict(spec=spec, device=get_device(cfg.run.device).type)   # where it ran: CUDA trains in bf16 ('auto')
     save_json(summary, run_dir / 'summary.json')
     for resumable in [p for p in run_dir.glob('**/checkpoints') if p.is_dir()]: shutil.rmtree(resumable)   # done: no resuming
     return summary
@@ -235,3 +237,21 @@ def run_studies(stage: int,                          # one of STAGES: every job 
         done = process_map(worker, {key: (stage, cfg, str(folder), None if encoder is None else str(encoder), scoring)
                                     for key, (cfg, encoder) in unique.items()}, workers, desc)
     return {name: done[key] for name, key in keys.items()}
+
+# %% ../nbs/06b_experiments.ipynb #0d647606
+def stage2_study_jobs(preset: str,                 # the run's preset
+                      overrides: str,              # the run's config overrides (`cfg_overrides`)
+                      stage1_encoder: str | Path,  # the run's saved stage-1 encoder
+                     ) -> dict[str, tuple[Config, str | Path | None]]: # row name -> (config, encoder or None: no stage 1)
+    "Every stage-2 study of nbs/06_eval, `experiments.study_steps` steps each: the caption budget, Table 7 and Table 4 (right)."
+    x = get_config(preset, overrides).experiments
+    variant = lambda extra='': get_config(preset, f"{overrides} decode.steps={x.study_steps} decode.train=psi+lm+encoder {extra}")
+    jobs = {}
+    for f in x.caption_budget:
+        jobs[f'VLV, {f:g} captioned'] = (variant(f'data.caption_fraction={f}'), stage1_encoder)
+        jobs[f'supervised, {f:g} captioned'] = (variant(f'data.caption_fraction={f}'), None)
+    jobs['with stage 1'], jobs['without stage 1'] = (variant(), stage1_encoder), (variant(), None)
+    jobs['psi (frozen text-pretrained LM)'] = (variant('decode.train=psi decode.lm=null'), stage1_encoder)   # a frozen LM must already write
+    jobs['psi + LM'] = (variant('decode.train=psi+lm'), stage1_encoder)
+    jobs['psi + LM + encoder'] = jobs['with stage 1']
+    return jobs
