@@ -17,9 +17,9 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 30 > "$out/gpu_use.csv" 2>&1 &
-timeout -k 20 "${LIMIT:-470}" python3 scripts/gpu_studies.py --encoders "${ENCODERS:-.gpu_in}" --out "$work" "$@" 2>&1 \
+timeout -k 5 "${LIMIT:-470}" python3 scripts/gpu_studies.py --encoders "${ENCODERS:-.gpu_in}" --out "$work" "$@" 2>&1 \
   | grep --line-buffered -v 'Loading weights' | tee "$out/gpu_studies.log"
-pkill -f 'multiprocessing.spawn' 2>/dev/null; kill %1 2>/dev/null
+pkill -f "multiprocessing.spawn import" 2>/dev/null; kill %1 2>/dev/null
 (cd "$work" && find . \( -name summary.json -o -name log.jsonl -o -name gpu_studies.json \)) | while read -r f; do
   mkdir -p "$out/$(dirname "$f")"; cp "$work/$f" "$out/$f"; done
 echo "summaries back: $(find "$out" -name summary.json | wc -l)"
