@@ -10,7 +10,7 @@ writes OUT/seed-S/{short-runs,studies}/<spec>/summary.json; copy those folders i
       DIR/seed-S: the seed's stage-1 encoder (runs/NAME/seed-S/stage1/encoder), for the stage-2 studies
 """
 import argparse, json, multiprocessing, time, traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, TimeoutError, as_completed
 from pathlib import Path
 
 from vlv.core import get_config
@@ -28,6 +28,7 @@ def main():
     p.add_argument('--preset', default='toy')
     p.add_argument('--only', type=int, nargs='+', default=[1, 2], help='which studies: 1 (queries ablation), 2 (stage-2 studies)')
     p.add_argument('--overrides', default='', help='extra overrides of every seed (tests: tiny sizes)')
+    p.add_argument('--limit', type=float, default=420, help='seconds: then the unfinished runs are stopped (the finished ones are kept)')
     args = p.parse_args()
 
     quiet = 'stage1.log_with=none decode.log_with=none'
@@ -49,15 +50,16 @@ def main():
                 key = spec_name(study_spec(2, c, enc))
                 if key not in jobs: jobs[key], names[key] = (2, c, str(out / 'studies'), None if enc is None else str(enc), {}), f'seed {s}: {row}'
     light = lambda key: jobs[key][1].decode.train in ('psi', 'psi+lm')   # frozen encoder, cached conditioning: quick
-    order = sorted(jobs, key=lambda key: (-jobs[key][0] if 1 in args.only else 0, light(key)))   # the long stage-1 runs first
+    order = sorted(jobs, key=lambda key: (jobs[key][0] != 1, light(key)))   # the long stage-1 runs first, the quick ones last
     jobs, names = {k: jobs[k] for k in order}, {k: names[k] for k in order}
     print(f"{len(jobs)} runs on {args.workers} workers:", *names.values(), sep='\n  ', flush=True)
 
     t0, report = time.time(), {}
     args.out.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=multiprocessing.get_context('spawn')) as pool:
-        futures = {pool.submit(_call_with_one_thread, _study_worker, job): key for key, job in jobs.items()}
-        for future in as_completed(futures):
+    pool = ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=multiprocessing.get_context('spawn'))
+    futures = {pool.submit(_call_with_one_thread, _study_worker, job): key for key, job in jobs.items()}
+    try:
+        for future in as_completed(futures, timeout=args.limit):
             key = futures[future]
             try:
                 r = future.result()
@@ -68,6 +70,10 @@ def main():
                 report[names[key]] = dict(spec=key, error=traceback.format_exc()[-2000:])
             print(f"{time.time() - t0:6.0f} s  {names[key]}: {report[names[key]]}", flush=True)
             (args.out / 'gpu_studies.json').write_text(json.dumps(report, indent=1))
+    except TimeoutError:
+        print(f"--limit {args.limit:g} s: stopping {sum(not f.done() for f in futures)} unfinished runs", flush=True)
+        for process in list(pool._processes.values()): process.kill()   # this pool's workers only
+    pool.shutdown(wait=False, cancel_futures=True)
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -89,3 +89,19 @@ def test_arguments(script):
     assert (args.batch_size, args.warmup, args.steps) == (64, 3, 5) and args.size['preset'] == 'paper'
     for bad in (['--batch-size', '6', '--grad-accum', '4'], ['--steps', '0'], ['--workers', '-1']):
         with pytest.raises(SystemExit): script.parse_args(bad)
+
+
+def test_gpu_studies_fill_the_notebooks_caches(repo, tmp_path, run_process):
+    "scripts/gpu_studies.sh trains nbs/06's stage-2 studies of a seed (tracker off) and brings back the summaries under the cache keys nbs/06 looks up."
+    from vlv.core import get_config
+    from vlv.encoder import build_encoder, save_encoder
+    from vlv.experiments import spec_name, stage2_study_jobs, study_spec
+    from vlv.worlds import load_bottleneck
+    cfg = get_config('smoke', 'run.seed=3')
+    encoder = save_encoder(build_encoder(cfg.encoder, load_bottleneck(cfg).text_width, seed=3), tmp_path / 'enc' / 'seed-3')
+    done = run_process(['bash', repo / 'scripts' / 'gpu_studies.sh', '--preset', 'smoke', '--seeds', '3', '--workers', '2', '--only', '2',
+                        '--encoders', tmp_path / 'enc'], repo, OUT=str(tmp_path / 'back'), WHEEL_DIR=str(tmp_path / 'no-wheels'))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    wanted = {spec_name(study_spec(2, c, e)) for c, e in stage2_study_jobs('smoke', 'experiments.studies=true run.seed=3', encoder).values()}
+    back = {p.stem.split('_')[-1]: json.loads(p.read_text()) for p in (tmp_path / 'back').glob('seed-3_studies_*.json')}
+    assert set(back) == wanted and all(s['device'] == 'cpu' and s['steps'] == cfg.experiments.study_steps for s in back.values())
