@@ -25,15 +25,9 @@ start=$(date +%s)
 logfile="$out/bench_gpu.log"
 log() { echo "[bench_gpu +$(( $(date +%s) - start ))s] $*" | tee -a "$logfile"; }
 
-# 1. what vlv needs beyond the machine's own packages (installed into /tmp/site, ahead of the machine's on the path)
-if [ "${BENCH_WHEELS:-1}" != 0 ] && compgen -G ".whl/*.whl" > /dev/null; then
-  log "installing $(ls .whl/*.whl | wc -l) wheels from .whl/"
-  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$logfile"
-  export PYTHONPATH=/tmp/site
-else
-  log "no .whl/ here: using the installed packages (run scripts/bench_gpu_wheels.sh first where there is network)"
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# 1. what vlv needs beyond the machine's own packages (scripts/gpu_wheels.sh; BENCH_WHEELS=0: none)
+. scripts/gpu_wheels.sh "$([ "${BENCH_WHEELS:-1}" != 0 ] && echo .whl || echo /nonexistent)" "$logfile"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 if ! $py -c "import torch, transformers, diffusers, vlv.bench
 print('torch', torch.__version__, '| transformers', transformers.__version__, '| diffusers', diffusers.__version__,
       '| cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$logfile"; then

@@ -12,17 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-stage1}; mkdir -p "$out"
 py=${PYTHON:-python3}
-wheels=${WHEEL_DIR:-.whl}
-logfile="$out/gpu_stage1.log"
-if compgen -G "$wheels/*.whl" > /dev/null; then
-  site=$(mktemp -d /tmp/vlv-site-XXXXXX)
-  echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site" | tee "$logfile"
-  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl 2>&1 | tail -3 | tee -a "$logfile"
-  export PYTHONPATH="$site"
-else
-  echo "no $wheels/ here: using the installed packages (run scripts/gpu_stage1_wheels.sh first where there is network)" | tee "$logfile"
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+logfile="$out/gpu_stage1.log"; : > "$logfile"
+. scripts/gpu_wheels.sh "${WHEEL_DIR:-.whl}" "$logfile"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$logfile"
 timeout -k 20 "${GPU_STAGE1_LIMIT:-480}" $py scripts/gpu_stage1.py --out "$out" "$@" 2>&1 | tee -a "$logfile"
 rc=${PIPESTATUS[0]}

@@ -11,13 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-studies}; work=$(mktemp -d /tmp/gpu-studies-XXXXXX); mkdir -p "$out"
-wheels=${WHEEL_DIR:-.whl}
-if compgen -G "$wheels/*.whl" > /dev/null; then
-  site=$(mktemp -d /tmp/vlv-site-XXXXXX)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl 2>&1 | tail -2
-  export PYTHONPATH="$site"
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+. scripts/gpu_wheels.sh "${WHEEL_DIR:-.whl}"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 30 > "$out/gpu_use.csv" 2>&1 &
 python3 scripts/gpu_studies.py --limit "${LIMIT:-420}" --encoders "${ENCODERS:-.gpu_in}" --out "$work" "$@" 2>&1 \

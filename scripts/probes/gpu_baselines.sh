@@ -8,11 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-runs/probes}; mkdir -p "$out" runs/probes
-if [ "${WHEELS:-1}" != 0 ] && compgen -G "${WHL:-.whl}/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHL:-.whl}/*.whl 2>&1 | tail -2
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+. scripts/gpu_wheels.sh "$([ "${WHEELS:-1}" != 0 ] && echo "${WHL:-.whl}" || echo /nonexistent)"
 py=${PYTHON:-python3}
 steps=${STEPS:-"300 1500"}
 for n in $steps; do
