@@ -164,7 +164,7 @@ def seeds_command(args: argparse.Namespace) -> int:
 
 SEEDS_EPILOG = """\
 examples:
-  vlv seeds --preset toy                       seeds 0 1 2 with the comparisons into runs/toy-seeds/ (about 2.5 h on 2 cores)
+  vlv seeds --preset toy                       seeds 0 1 2 with the comparisons into runs/toy-seeds/ (about 5 h on 2 cores)
   vlv seeds --preset toy --no-studies          the main table only (about 30 min per seed)
   vlv seeds --preset toy --seeds 3 4           two more seeds into the same folder; the report gathers all five
   vlv readme runs/toy-seeds                    the mean ± std tables into the README
