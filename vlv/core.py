@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -24,12 +25,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['PRESETS', 'TOY_FROM_SCRATCH', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'Section', 'RunConfig', 'DataConfig',
-           'BottleneckConfig', 'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config', 'ExperimentsConfig',
-           'EvalConfig', 'Config', 'miniature_dir', 'parse_overrides', 'add_overrides_argument', 'ignored_keys',
-           'check_overrides_read', 'get_config', 'set_seed', 'get_device', 'autocast_dtype', 'seeded', 'warmup_cosine',
-           'atomic_write', 'atomic_folder', 'save_json', 'project_root', 'get_run_dir', 'CommandError', 'positive_int',
-           'check_positive', 'one_line', 'check_new', 'command_device']
+__all__ = ['PRESETS', 'TOY_FROM_SCRATCH', 'MINIATURE_DIR', 'SHAPES_ONLY', 'REAL_ONLY', 'REMOVED_FIELDS', 'Section', 'RunConfig',
+           'DataConfig', 'BottleneckConfig', 'TeacherConfig', 'DecodeConfig', 'EncoderConfig', 'Stage1Config',
+           'ExperimentsConfig', 'EvalConfig', 'Config', 'miniature_dir', 'parse_overrides', 'add_overrides_argument',
+           'ignored_keys', 'check_overrides_read', 'get_config', 'saved_config', 'set_seed', 'get_device',
+           'autocast_dtype', 'seeded', 'warmup_cosine', 'atomic_write', 'atomic_folder', 'save_json', 'project_root',
+           'get_run_dir', 'CommandError', 'positive_int', 'check_positive', 'one_line', 'check_new', 'command_device']
 
 # %% ../nbs/00_core.ipynb #5e0559e0
 class Section(BaseModel):
@@ -509,6 +510,21 @@ def get_config(preset: str = 'smoke',                        # smoke | toy | pap
         raise ValueError(f"invalid config for preset {preset!r}: {problems}") from None
     check_overrides_read(cfg, flat)
     return cfg
+
+# %% ../nbs/00_core.ipynb #d52f7278
+REMOVED_FIELDS = {('experiments', 'supervised_lr'): "the supervised captioner is now stage 2 without stage 1, at decode.encoder_lr (issue 20)"}
+
+
+def saved_config(data: Mapping[str, Any], # a config as `Config.model_dump(mode='json')` wrote it, by this or an older vlv
+                 source: str = 'a saved config', # where it comes from, for the warning
+                ) -> Config:
+    "A saved config, validated, without the fields that later versions removed (`REMOVED_FIELDS`, each dropped with a warning)."
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for (section, key), why in REMOVED_FIELDS.items():
+        if key in (data.get(section) or {}):
+            data[section].pop(key)
+            warnings.warn(f"{source}: {section}.{key} was removed and is ignored: {why}", stacklevel=2)
+    return Config.model_validate(data)
 
 # %% ../nbs/00_core.ipynb #127203a3
 def set_seed(seed: int, # one seed for python, numpy and torch

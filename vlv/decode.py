@@ -22,7 +22,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json
+from .core import Config, DecodeConfig, atomic_folder, autocast_dtype, save_json, saved_config
 from .checkpoints import load_strict, load_weights
 from .tokenizers import caption_ids, load_tokenizer, pad_batch
 from .hub import hub_errors, pretrained_source
@@ -405,7 +405,7 @@ def load_vlv(path: str | Path,                          # a folder written by `s
     if not (path / 'config.json').is_file() or not (path / 'encoder').is_dir():
         raise FileNotFoundError(f"{path} is not a saved VLV model (expected config.json and encoder/; "
                                 "`vlv run` writes one to runs/NAME/model)")
-    cfg = Config.model_validate(json.loads((path / 'config.json').read_text()))
+    cfg = saved_config(json.loads((path / 'config.json').read_text()), str(path / 'config.json'))
     encoder = load_encoder(path / 'encoder', device=device).eval()
     bottleneck = (load_bottleneck or (lambda cfg, device: load_decoder(cfg.bottleneck, device=device)))(cfg, device)
     if not (path / 'caption_decoder').is_dir(): return None, encoder, bottleneck, cfg
