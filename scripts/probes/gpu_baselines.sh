@@ -2,7 +2,7 @@
 # Issue 20 item 3 on a lent GPU: do the baselines learn from the shipped toy Florence-2 (encoder.pretrained='toy')?
 # Four stage-2 runs side by side, every training caption (scripts/probes/supervised_study.py: toy preset,
 # data.caption_fraction=1.0, 100 test scenes per split): the supervised captioner (psi + LM + the whole encoder, end to
-# end, encoder lr 5e-4 as nbs/06's experiments.supervised_lr) and "without stage 1" (psi + LM + the encoder's language
+# end, encoder lr 5e-4 as the former experiments.supervised_lr) and "without stage 1" (psi + LM + the encoder's language
 # model, Table 7's recipe), each at 300 steps (nbs/06's study budget) and 1,500 steps. Results: $OUT/NAME.json.
 #   with the device tool: command 'bash scripts/probes/gpu_baselines.sh', carry ['.whl'] (or a smaller set: WHL=.whl2 with carry ['.whl2'])
 set -uo pipefail
