@@ -15,8 +15,7 @@ from pathlib import Path
 
 from vlv.core import get_config
 from vlv.encoder import load_encoder
-from vlv.experiments import _call_with_one_thread, _study_worker, spec_name, stage2_study_jobs, study_spec
-from vlv.stage1 import ablation_configs
+from vlv.experiments import _call_with_one_thread, _study_worker, ablation_configs, spec_name, stage2_study_jobs, study_spec
 
 
 def main():

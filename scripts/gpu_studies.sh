@@ -16,8 +16,10 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 30 > "$out/gpu_use.csv" 2>&1 &
 python3 scripts/gpu_studies.py --limit "${LIMIT:-420}" --encoders "${ENCODERS:-.gpu_in}" --out "$work" "$@" 2>&1 \
   | grep --line-buffered -v 'Loading weights' | tee "$out/gpu_studies.log"
+status=${PIPESTATUS[0]}   # the script's own exit status, not the filter's
 kill %1 2>/dev/null
 # the device tool brings back no deep folders: each summary as OUT/seed-S_KIND_SPEC.json (KIND: studies, short-runs)
 (cd "$work" && find . -name summary.json) | while IFS=/ read -r _ seed kind spec _; do cp "$work/$seed/$kind/$spec/summary.json" "$out/${seed}_${kind}_${spec}.json"; done
 cp "$work/gpu_studies.json" "$out/" 2>/dev/null
 echo "summaries back: $(ls "$out" | grep -c "^seed-")"
+exit "$status"

@@ -132,7 +132,7 @@ from vlv.stage1 import stage1_loss
 from vlv.worlds import load_bottleneck
 torch.set_num_threads(1)
 dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()
-cfg = get_config('mini', 'encoder.dropout=0 encoder.drop_path_rate=0')
+cfg = get_config('mini')   # eval() below: no dropout (a size or dropout field over the pretrained miniature would be refused)
 decoder = load_bottleneck(cfg)
 images = torch.rand(2 * world, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 def trained(shard: bool) -> dict:

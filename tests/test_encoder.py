@@ -190,3 +190,13 @@ def test_missing_toy_florence_names_the_command(monkeypatch, tmp_path):
     monkeypatch.setattr(vlv.hub, 'florence_path', lambda: tmp_path / 'florence')
     for make in (lambda: build_encoder(get_config('toy').encoder, 32), lambda: prompt_tokenizer(get_config('toy').encoder)):
         with pytest.raises(FileNotFoundError, match=r'--only 04a -p train True -p ship True'): make()
+
+
+def test_a_pretrained_florence_refuses_size_fields_it_contradicts():
+    "A size field set over a pretrained Florence-2 would be ignored (its checkpoint fixes the model): an error naming both values."
+    ok = get_config('toy', 'encoder.d_model=128 encoder.dropout=0.0')   # the shipped checkpoint's own values
+    build_encoder(ok.encoder, ok.bottleneck.text_width)
+    bad = get_config('toy', 'encoder.d_model=64 encoder.vision_depths=[1,1,2]')
+    with pytest.raises(ValueError, match=r"encoder.pretrained='toy' .*encoder.vision_depths=\[1, 1, 2\] \(the checkpoint: \[1, 1, 1\]\), "
+                                         r"encoder.d_model=64 \(the checkpoint: 128\)"):
+        build_encoder(bad.encoder, bad.bottleneck.text_width)

@@ -65,6 +65,23 @@ def test_resume_is_exact(decoder, cache, tmp_path, tiny_cfg):
     assert log == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resumed_result_reports_the_whole_run(decoder, cache, tmp_path, tiny_cfg):
+    "After a resume, and after resuming a finished run (nothing to train), the result's steps, final loss and curve are the whole run's."
+    cfg = tiny_cfg('stage1.steps=6 stage1.checkpoint_every=2 stage1.log_every=2 stage1.sample_every=100')
+    full = train(cfg, tmp_path / 'full', decoder, cache)
+    train(cfg, tmp_path / 'resumed', decoder, cache, stop_after=4)
+    rest = train(cfg, tmp_path / 'resumed', decoder, cache, resume=True)
+    assert (rest.start, len(rest.history), rest.steps) == (4, 2, 6)
+    assert [h['step'] for h in rest.curve] == [2, 4, 5, 6]   # two log lines of 2 steps each, then every step
+    assert rest.final_loss == pytest.approx(full.final_loss, rel=1e-6)   # the mean of all 6 steps either way
+    assert rest.run_seconds > rest.seconds > 0
+    again = train(cfg, tmp_path / 'full', decoder, cache, resume=True)   # finished: nothing to train
+    assert (again.history, again.steps) == ([], 6)
+    assert again.final_loss == pytest.approx(full.final_loss, rel=1e-6)
+    a, b = weights(full.encoder), weights(again.encoder)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_without_a_checkpoint_is_refused(decoder, cache, tmp_path, tiny_cfg):
     "(nbs/04_stage1 checks the other way round: a second run into a folder with checkpoints needs resume=True.)"
     with pytest.raises(FileNotFoundError, match='no checkpoint'):

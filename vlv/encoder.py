@@ -22,8 +22,8 @@ from .tokenizers import prompt_tokenizer
 from .hub import TOY_FLORENCE, florence_source, hub_errors, pretrained_source
 
 # %% auto #0
-__all__ = ['PARTS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention', 'build_encoder',
-           'save_encoder', 'load_encoder', 'save_florence']
+__all__ = ['PARTS', 'ARCHITECTURE_FIELDS', 'florence_config', 'VLVEncoder', 'reinit_positions', 'sharpen_cross_attention',
+           'check_pretrained_fields', 'build_encoder', 'save_encoder', 'load_encoder', 'save_florence']
 
 # %% ../nbs/02_encoder.ipynb #ff9651cf
 def florence_config(cfg: EncoderConfig, # sizes of the random-init model
@@ -193,6 +193,31 @@ def sharpen_cross_attention(florence: Florence2ForConditionalGeneration, # model
                 if proj.bias is not None: proj.bias.mul_(gain)
 
 
+# the encoder fields that size a random-init Florence-2 -> where a pretrained one's config holds them
+ARCHITECTURE_FIELDS = {
+    'vision_embed_dim': ('vision_config', 'embed_dim'), 'vision_depths': ('vision_config', 'depths'),
+    'vision_heads': ('vision_config', 'num_heads'), 'vision_groups': ('vision_config', 'num_groups'),
+    'vision_patch_size': ('vision_config', 'patch_size'), 'vision_patch_stride': ('vision_config', 'patch_stride'),
+    'vision_patch_padding': ('vision_config', 'patch_padding'), 'vision_patch_prenorm': ('vision_config', 'patch_prenorm'),
+    'vision_window_size': ('vision_config', 'window_size'), 'drop_path_rate': ('vision_config', 'drop_path_rate'),
+    'd_model': ('text_config', 'd_model'), 'encoder_layers': ('text_config', 'encoder_layers'),
+    'decoder_layers': ('text_config', 'decoder_layers'), 'attention_heads': ('text_config', 'encoder_attention_heads'),
+    'ffn_dim': ('text_config', 'encoder_ffn_dim'), 'max_positions': ('text_config', 'max_position_embeddings'),
+    'dropout': ('text_config', 'dropout')}
+
+
+def check_pretrained_fields(cfg: EncoderConfig,            # the encoder section (its explicitly set fields are checked)
+                            config: Florence2Config,       # the pretrained Florence-2's config
+                           ) -> None:
+    "Refuse an architecture field set in the config (a preset's or the user's) that a pretrained Florence-2 contradicts: it would be ignored."
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+    bad = [f"encoder.{k}={norm(getattr(cfg, k))} (the checkpoint: {norm(getattr(getattr(config, part), attr))})"
+           for k, (part, attr) in ARCHITECTURE_FIELDS.items()
+           if k in cfg.model_fields_set and norm(getattr(cfg, k)) != norm(getattr(getattr(config, part), attr))]
+    if bad: raise ValueError(f"encoder.pretrained={cfg.pretrained!r} fixes the architecture, so these settings would be ignored: "
+                             f"{', '.join(bad)}; leave them unset (or set them to the checkpoint's values)")
+
+
 def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
                   text_width: int,          # the diffusion decoder's text-encoder width (cfg.bottleneck.text_width)
                   seed: int = 0,            # seeds the random initialisation (queries, phi, random-init Florence-2)
@@ -214,6 +239,7 @@ def build_encoder(cfg: EncoderConfig,       # the encoder section of a config
             with hub_errors(source, 'encoder.pretrained'):
                 florence = Florence2ForConditionalGeneration.from_pretrained(source, attn_implementation=cfg.attn_implementation,
                                                                              dtype=torch.float32)
+            check_pretrained_fields(given, florence.config)   # given: names 'toy', not this install's path
         else:
             fc = florence_config(cfg, len(tokenizer) + 1)
             fc._attn_implementation = cfg.attn_implementation

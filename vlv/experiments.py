@@ -23,14 +23,15 @@ from .worlds import caption_tokenizer, caption_transform, load_bottleneck, test_
 from .bottleneck import DiffusionDecoder
 from .encoder import VLVEncoder, build_encoder, load_encoder
 from .hub import TOY_FLORENCE, florence_path
-from .stage1 import train_stage1
+from .stage1 import check_resumable, train_stage1
 from .decode import CaptionDecoder, Stage2Model, load_lm
 from .stage2 import captioned_indices, train_stage2
 from .eval import caption_scores, eval_sets, evaluate_encoder
 
 # %% auto #0
 __all__ = ['STAGES', 'STUDIES', 'image_share', 'probe_images_for', 'weights_digest', 'study_spec', 'spec_name', 'stage1_scores',
-           'stage1_study', 'stage2_study', 'process_map', 'run_study', 'run_studies', 'stage2_study_jobs']
+           'stage1_study', 'stage2_study', 'process_map', 'run_study', 'run_studies', 'ablation_configs',
+           'stage2_study_jobs']
 
 # %% ../nbs/06b_experiments.ipynb #9560c6a9
 @torch.no_grad()
@@ -237,6 +238,23 @@ def run_studies(stage: int,                          # one of STAGES: every job 
         done = process_map(worker, {key: (stage, cfg, str(folder), None if encoder is None else str(encoder), scoring)
                                     for key, (cfg, encoder) in unique.items()}, workers, desc)
     return {name: done[key] for name, key in keys.items()}
+
+# %% ../nbs/06b_experiments.ipynb #f3d01bd3
+def ablation_configs(cfg: Config,       # the main run's config
+                     preset: str,       # its preset
+                     overrides: str,    # its overrides (each row adds its own)
+                     grid_tokens: int,  # the encoder's grid cells: N of the grid-readout row
+                    ) -> tuple[dict[str, Config], list[str]]: # every row's config, in table order; the rows that are the main run
+    "The queries ablation: a run per `stage1.query_ablation` N and one of the grid readout, `stage1.ablation_steps` each; a row whose training config is the main run's (`check_resumable`) is that run."
+    steps = cfg.stage1.ablation_steps
+    readouts = {f'{n} queries': f"encoder.readout=queries encoder.num_queries={n}" for n in cfg.stage1.query_ablation}
+    readouts['grid readout (image tokens)'] = f'encoder.readout=image_tokens encoder.num_queries={grid_tokens}'
+    configs = {name: get_config(preset, f"{overrides or ''} {extra} stage1.steps={steps} stage1.checkpoint_every={steps} "
+                                        f"stage1.sample_every={steps}") for name, extra in readouts.items()}
+    def is_main_run(run_cfg: Config) -> bool:
+        try: check_resumable(run_cfg.model_dump(mode='json'), cfg); return True
+        except ValueError: return False
+    return configs, [name for name, c in configs.items() if is_main_run(c)]
 
 # %% ../nbs/06b_experiments.ipynb #0d647606
 def stage2_study_jobs(preset: str,                 # the run's preset

@@ -41,8 +41,7 @@ __all__ = ['RESUMABLE_SECTIONS', 'FREE_FIELDS', 'TRACKER_PACKAGES', 'stage1_data
            'check_resumable', 'load_stage1_checkpoint', 'save_encoder_into', 'NonFiniteLoss', 'Stage1Result',
            'reconstruct', 'save_grid', 'FeatureCache', 'configure_decoder', 'stage1_loss', 'LocalRuntime',
            'micro_seeds', 'stage1_step', 'tracker_names', 'make_trackers', 'flat_config', 'log_image', 'data_counters',
-           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1',
-           'ablation_configs']
+           'first_images', 'Stage1Run', 'stage1_cache', 'stage1_batches', 'prepare_stage1', 'StepLog', 'train_stage1']
 
 # %% ../nbs/04_stage1.ipynb #65fe4513
 def stage1_dataset(images: torch.utils.data.Dataset, # map-style items {'image': [3, H, W] in [0, 1], ...}; None for a file the source skipped
@@ -232,11 +231,33 @@ class Stage1Result:
     checkpoint: Path | None             # the last checkpoint written
     seconds: float                      # wall time of the training loop (this call)
     grids: list[Path] = field(default_factory=list) # reconstruction grids written
+    start: int = 0                      # the step this call resumed from (0: a fresh run)
+    earlier: list[dict] = field(default_factory=list) # the run's log.jsonl lines up to `start`: each averages `steps_averaged` steps
+    earlier_seconds: float = 0.0        # training time of the run before this call (its checkpoint's record)
+
+    @property
+    def steps(self) -> int:
+        "Optimiser steps of the whole run, before and in this call."
+        return self.start + len(self.history)
+
+    @property
+    def run_seconds(self) -> float:
+        "Training time of the whole run, over all its calls."
+        return self.earlier_seconds + self.seconds
+
+    @property
+    def curve(self) -> list[dict]:
+        "The run's loss curve: the log's lines before a resume, then every step of this call."
+        return self.earlier + self.history
 
     @property
     def final_loss(self) -> float:
-        "Mean loss of the last 50 steps of this call: what the tables report as a run's final loss."
-        return float(np.mean([h['loss'] for h in self.history[-50:]])) if self.history else float('nan')
+        "Mean loss of the run's last 50 steps (lines from before a resume weighted by the steps they average): what the tables report."
+        total = weight = 0.0
+        for h in reversed(self.curve):
+            n = h.get('steps_averaged', 1); total += h['loss'] * n; weight += n
+            if weight >= 50: break
+        return total / weight if weight else float('nan')
 
 # %% ../nbs/04_stage1.ipynb #3b4cc529
 @torch.no_grad()
@@ -464,6 +485,7 @@ class Stage1Run:
     counters: Callable[[], dict] | None = None # the data source's counters (logged with the loss)
     stream: StreamState | None = None      # a stream's reader positions as the loop used them (None: map-style)
     t0: float = field(default_factory=time.perf_counter)
+    earlier_seconds: float = 0.0           # training time before this call (the resumed checkpoint's record)
     grids: list[Path] = field(default_factory=list)
 
     @property
@@ -494,7 +516,7 @@ class Stage1Run:
         if self.main:
             save_checkpoint(self.folder / 'checkpoints', step, partial(save_encoder_into, self.acc.unwrap_model(self.model), state),
                             optimizer, self.scheduler, dict(samples_seen=step * s.batch_size, distributed=self.acc.distributed_type.name, config=self.cfg.model_dump(mode='json'),
-                                                                 loss=loss, seconds=time.perf_counter() - self.t0, **stream), s.keep_checkpoints)
+                                                                 loss=loss, seconds=self.earlier_seconds + time.perf_counter() - self.t0, **stream), s.keep_checkpoints)
         self.acc.wait_for_everyone()
         self.checkpoint = latest_checkpoint(self.folder / 'checkpoints')
 
@@ -581,7 +603,7 @@ def prepare_stage1(cfg: Config, run_dir: str | Path, images: torch.utils.data.Da
     batches, stream = stage1_batches(cfg, data, world, rank, start, end, saved.get('stream'))
     if stream is not None: counters = stream_counters(stream, start * s.batch_size, gather_object)
     return Stage1Run(cfg, acc, model, decoder, optimizer, scheduler, batches, features, folder, start, end, checkpoint,
-                     sample_images, counters, stream.state if stream is not None else None)
+                     sample_images, counters, stream.state if stream is not None else None, earlier_seconds=saved.get('seconds', 0.0))
 
 # %% ../nbs/04_stage1.ipynb #2f77c1b0
 class StepLog:
@@ -637,6 +659,8 @@ def train_stage1(cfg: Config,                              # the whole config (e
     s, acc, main, history = cfg.stage1, run.acc, run.main, []
     log = StepLog(run.folder / 'log.jsonl', run.start, s.log_every, run.end, s.batch_size, main,
                   acc.log if acc.trackers else None, counters or run.counters)
+    acc.wait_for_everyone()   # the main process has cut the log back to the resumed step
+    earlier = [json.loads(l) for l in (run.folder / 'log.jsonl').read_text().splitlines() if l.strip()] if run.start and (run.folder / 'log.jsonl').exists() else []
     bar = tqdm(total=run.end, initial=run.start, desc='stage 1', disable=not (progress and main), dynamic_ncols=True)
     with StopSignals() as signals, contextlib.ExitStack() as ends:   # SIGTERM / SIGUSR1: finish the step, checkpoint, raise `Preempted`
         ends.callback(lambda: [tracker.finish() for tracker in acc.trackers])   # not `acc.end_training()`: it would end the process group too
@@ -666,21 +690,4 @@ def train_stage1(cfg: Config,                              # the whole config (e
         state = acc.get_state_dict(run.model)
         if main: save_encoder(encoder, run.folder / 'encoder', state)
     acc.wait_for_everyone()
-    return Stage1Result(encoder, history, run.folder, run.checkpoint, seconds, run.grids)
-
-# %% ../nbs/04_stage1.ipynb #f3d01bd3
-def ablation_configs(cfg: Config,       # the main run's config
-                     preset: str,       # its preset
-                     overrides: str,    # its overrides (each row adds its own)
-                     grid_tokens: int,  # the encoder's grid cells: N of the grid-readout row
-                    ) -> tuple[dict[str, Config], list[str]]: # every row's config, in table order; the rows that are the main run
-    "The queries ablation: a run per `stage1.query_ablation` N and one of the grid readout, `stage1.ablation_steps` each; a row whose training config is the main run's (`check_resumable`) is that run."
-    steps = cfg.stage1.ablation_steps
-    readouts = {f'{n} queries': f"encoder.readout=queries encoder.num_queries={n}" for n in cfg.stage1.query_ablation}
-    readouts['grid readout (image tokens)'] = f'encoder.readout=image_tokens encoder.num_queries={grid_tokens}'
-    configs = {name: get_config(preset, f"{overrides or ''} {extra} stage1.steps={steps} stage1.checkpoint_every={steps} "
-                                        f"stage1.sample_every={steps}") for name, extra in readouts.items()}
-    def is_main_run(run_cfg: Config) -> bool:
-        try: check_resumable(run_cfg.model_dump(mode='json'), cfg); return True
-        except ValueError: return False
-    return configs, [name for name, c in configs.items() if is_main_run(c)]
+    return Stage1Result(encoder, history, run.folder, run.checkpoint, seconds, run.grids, run.start, earlier, run.earlier_seconds)

@@ -9,7 +9,7 @@ import torch
 from vlv.core import get_config, save_json
 from vlv.encoder import load_encoder
 from vlv.experiments import run_studies, stage1_scores
-from vlv.stage1 import ablation_configs
+from vlv.experiments import ablation_configs
 from vlv.worlds import load_bottleneck
 
 
