@@ -1,4 +1,4 @@
-"""Local copies of the weights, as the README describes them: the `paper` preset's loaders (`encoder.pretrained`,
+"""Local copies of the weights, as the README describes them: the `paper` preset's loaders (here under `mini`, its sizes) (`encoder.pretrained`,
 `bottleneck.pretrained`, `decode.lm`) and the CLIP of `vlv.metrics.clip_score` take a folder in the Hub's layout, or a
 Hub id found in the cache under HF_HOME with HF_HUB_OFFLINE=1. The miniature's random-init folders stand in for the
 real weights; a child process gets the environment a user would set."""
@@ -25,7 +25,9 @@ CHILD = textwrap.dedent('''
     assert hub.HF_HUB_OFFLINE, 'HF_HUB_OFFLINE=1 did not reach huggingface_hub'
     folders, ids, clip_folder = json.loads(sys.argv[1])
     for overrides in (folders, ids):
-        cfg = get_config('paper', [f'{k}={v}' for k, v in overrides.items()] + ['encoder.image_size=64'])   # -o KEY=VALUE ...
+        # the mini preset: the paper's loaders with the miniature's sizes (the paper preset's sizes are Florence-2-large's,
+        # and a pretrained folder that contradicts a size field is refused: tests/test_encoder.py)
+        cfg = get_config('mini', [f'{k}={v}' for k, v in overrides.items()])   # -o KEY=VALUE ...
         decoder = load_decoder(cfg.bottleneck)
         encoder = build_encoder(cfg.encoder, decoder.text_width)
         lm, tokenizer = load_lm(cfg.decode)
