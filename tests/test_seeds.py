@@ -62,3 +62,20 @@ def test_bad_requests_fail_before_anything_runs(project, capsys):
     assert main([*base, '--seeds', '0', '-o', 'run.seed=4']) == 2
     assert '--seeds' in capsys.readouterr().err
     assert not (project / 'runs').exists()
+
+
+def test_the_report_gathers_a_seed_whose_notebook_is_running_again(tmp_path):
+    "A seed re-running one notebook (its manifest not ok) keeps its numbers in the report; its time reads 'unfinished'."
+    from vlv.seeds import write_seeds_report
+    for seed, status in ((0, 'ok'), (1, 'running')):
+        run = tmp_path / f'seed-{seed}'; run.mkdir()
+        (run / 'metrics.json').write_text(json.dumps({'summary': {'t': {'row': {'x': float(seed)}}}}))
+        notebooks = {'01.ipynb': dict(status='ok', seconds=60.0), '02.ipynb': dict(status=status, seconds=120.0)}
+        (run / 'manifest.json').write_text(json.dumps(dict(notebooks=notebooks, history=[{}] * seed)))
+    write_seeds_report(tmp_path, [0, 1])
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert metrics['summary']['t (mean ± std over 2 seeds)']['row'] == {'x': '0.500 ± 0.707'}
+    assert metrics['minutes'] == {'0': 3.0, '1': None}
+    times = metrics['summary']["time of each seed's run (sum of its notebooks)"]
+    assert times == {'seed 0': {'minutes': 3.0, 'vlv run calls': 1}, 'seed 1': {'minutes': 'unfinished', 'vlv run calls': 2}}
+    assert '1: unfinished (a notebook is not ok) (2 `vlv run` calls)' in (tmp_path / 'report.md').read_text()

@@ -172,6 +172,9 @@ def test_command_line(tmp_path, run_process, vlv_stage1_argv):
     assert 'vlv stage1: 2 steps' in ok.stdout and (tmp_path / 'r' / 'stage1' / 'encoder' / 'model.safetensors').exists()
     again = run_process([sys.executable, *vlv_stage1_argv, '-o', 'stage1.steps=2', '--run-dir', 'r'], tmp_path)
     assert again.returncode == 1 and 'resume' in again.stderr
+    finished = run_process([sys.executable, *vlv_stage1_argv, '-o', 'stage1.steps=2', '--run-dir', 'r', '--resume', '--no-progress'], tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert 'vlv stage1: 2 steps (0 in this call)' in finished.stdout   # a finished run resumed: the whole run's summary
 
 
 def test_shipped_accelerate_configs():

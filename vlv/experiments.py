@@ -129,8 +129,8 @@ def stage1_study(cfg: Config,                         # the run's whole config (
     images, keys = train_images(cfg)
     result = train_stage1(cfg, run_dir, images, keys, decoder=decoder, progress=progress,
                           sample_images=test_images(cfg, cfg.stage1.sample_images))
-    return stage1_scores(result.encoder, decoder, cfg, steps=len(result.history), seconds=result.seconds, final_loss=result.final_loss,
-                         history=result.history, n_scenes=n_scenes, guidance=guidance)
+    return stage1_scores(result.encoder, decoder, cfg, steps=result.steps, seconds=result.run_seconds, final_loss=result.final_loss,
+                         history=result.curve, n_scenes=n_scenes, guidance=guidance)
 
 
 # %% ../nbs/06b_experiments.ipynb #541ec157

@@ -73,8 +73,11 @@ def write_seeds_report(folder: str | Path,       # runs/NAME of `vlv seeds`
     stats = seed_stats(summaries)
     summary = {f'{table} (mean ± std over {len(done)} seeds)': {r: {c: mean_std_text(v, len(done)) for c, v in cols.items()}
                                                                for r, cols in rows.items()} for table, rows in stats.items()}
-    minutes = {str(s): notebooks_seconds(load_manifest(folder / f'seed-{s}') or {}) / 60 for s in done}
-    summary[f'time of each seed\'s run (sum of its notebooks)'] = {f'seed {s}': {'minutes': m} for s, m in minutes.items()}
+    manifests = {s: load_manifest(folder / f'seed-{s}') or {} for s in done}
+    minutes = {str(s): None if (t := notebooks_seconds(m)) is None else t / 60 for s, m in manifests.items()}   # None: a notebook not ok
+    calls = {str(s): 1 + len(m.get('history') or []) for s, m in manifests.items()}   # `vlv run` calls that made the seed's folder
+    summary[f'time of each seed\'s run (sum of its notebooks)'] = {f'seed {s}': {'minutes': 'unfinished' if m is None else m, 'vlv run calls': calls[s]}
+                                                                  for s, m in minutes.items()}
     settings = json.loads((folder / 'seeds.json').read_text()) if (folder / 'seeds.json').is_file() else {}
     figures_file = folder / f'seed-{done[0]}' / 'figures.json'
     figures = {f'{t} (seed {done[0]})': folder / f'seed-{done[0]}' / p
@@ -83,7 +86,9 @@ def write_seeds_report(folder: str | Path,       # runs/NAME of `vlv seeds`
     notes = (f"Preset `{settings.get('preset', '?')}`, overrides `{settings.get('overrides') or '-'}`; seeds {done}"
              + (f" (not finished: {missing})" if missing else '') + ". Each seed is a whole `vlv run` in `seed-S/` (its own "
              "training scenes, test scenes and initialisation); every number below is the mean ± sample std over the seeds. "
-             "Minutes per seed (sum of its notebooks): " + ', '.join(f'{s}: {m:.1f}' for s, m in minutes.items()) + '.')
+             "Minutes per seed (sum of its notebooks, each at its last run): "
+             + ', '.join(f"{s}: {'unfinished (a notebook is not ok)' if m is None else f'{m:.1f}'}"
+                         + (f" ({calls[s]} `vlv run` calls)" if calls[s] > 1 else '') for s, m in minutes.items()) + '.')
     return write_report(folder, dict(summary=summary, stats=stats, seeds=done, minutes=minutes, settings=settings), figures,
                         title=f'Results of {folder.name} over {len(done)} seeds', notes=notes)
 

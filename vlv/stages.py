@@ -80,8 +80,8 @@ def stage1_command(args: argparse.Namespace) -> int:
         result = train_stage1(cfg, run_dir, images, keys, decoder=load_bottleneck(cfg),
                               resume=resume, stop_after=args.stop_after, progress=args.progress,
                               sample_images=test_images(cfg, cfg.stage1.sample_images))
-        return result.history and (f"{len(result.history)} steps in {result.seconds:.1f} s, final loss "
-                                   f"{result.history[-1]['loss']:.4f}; checkpoint {result.checkpoint}; log {result.folder / 'log.jsonl'}")
+        return result.steps and (f"{result.steps} steps ({len(result.history)} in this call) in {result.run_seconds:.1f} s, final loss "
+                                 f"{result.final_loss:.4f}; checkpoint {result.checkpoint}; log {result.folder / 'log.jsonl'}")
     return run_training(args, 'stage1', train)
 
 # %% ../nbs/90a_stages.ipynb #4e0d1044
