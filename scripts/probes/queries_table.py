@@ -4,7 +4,7 @@ Reads what nbs/04 wrote: seed-S/stage1_metrics.json ('queries') and the cached r
 Usage: python scripts/probes/queries_table.py runs/toy-seeds-studies 0 1 2"""
 import json, sys
 from pathlib import Path
-import numpy as np
+from vlv.seeds import mean_std_text, seed_stats
 
 
 def window(log: Path, a: int, b: int) -> float:
@@ -22,20 +22,16 @@ def run_log(seed_dir: Path, row: dict) -> Path:
 
 def main():
     folder, seeds = Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]
-    rows = {}
+    scores = {}   # seed -> {'queries': row -> column -> value}: the shape `seed_stats` gathers over seeds
     for s in seeds:
         for name, r in json.loads((folder / f'seed-{s}' / 'stage1_metrics.json').read_text())['queries'].items():
             log = run_log(folder / f'seed-{s}', r)
             print(f"| {name} | {s} | {window(log, 2000, 2500):.4f} | {window(log, 2500, 3000):.4f} | {r['attribute']:.3f} | {r['exact']:.2f} | "
                   f"{r['object_f1']:.3f} | {r['held_out']['attribute']:.3f} | {r['held_out']['exact']:.2f} | {r['held_out']['object_f1']:.3f} |")
-            rows.setdefault(name, []).append(r)
-    for name, rs in rows.items():
-        cells = []
-        for split in ('held-in', 'held-out'):
-            for k in ('attribute', 'exact', 'object_f1'):
-                x = np.array([(r if split == 'held-in' else r['held_out'])[k] for r in rs])
-                cells.append(f"{split} {k} {x.mean():.3f} ± {x.std(ddof=1) if len(x) > 1 else float('nan'):.3f}")
-        print(f"{name} ({len(rs)} seeds): " + ', '.join(cells))
-
+            scores.setdefault(s, {}).setdefault('queries', {})[name] = {
+                f'{split} {k}': (r if split == 'held-in' else r['held_out'])[k]
+                for split in ('held-in', 'held-out') for k in ('attribute', 'exact', 'object_f1')}
+    for name, cols in seed_stats(scores)['queries'].items():
+        print(f"{name}: " + ', '.join(f'{c} {mean_std_text(v, len(seeds))}' for c, v in cols.items()))
 
 if __name__ == '__main__': main()
